@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint format clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)  ## set up, then run the default pipeline
+	$(VENV)/bin/minidpo demo
+
+test: $(STAMP) lint  ## set up, then run every test
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## skip the slow tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check minidpo tests scripts
+	$(VENV)/bin/ruff format --check minidpo tests scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format minidpo tests scripts
+	$(VENV)/bin/ruff check --fix minidpo tests scripts
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,198 @@
+"""Configuration: dataclasses with a reason per field, presets, and CLI flags derived from them.
+
+Every stage reads its settings from a dataclass below; `add_dataclass_args` turns
+a dataclass into argparse flags (``n_layer`` -> ``--n-layer``, booleans get
+``--flag/--no-flag``), and `resolve` builds the final value in three layers:
+the dataclass default, then the preset (``tiny`` for tests, ``cpu`` the default,
+``gpu`` a larger model), then the flags the user actually typed. So a flag always
+wins, a preset only changes what it names, and a config can be written to JSON
+and read back (`to_dict` / `from_dict`).
+
+Left out: config files and exec-style overrides; a run is reproduced from its
+command line (saved with every checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from minidpo.errors import MinidpoError
+
+T = TypeVar("T")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it runs."""
+
+    name: str = _f("default", "run name: every output goes under <runs-dir>/<name>/")
+    runs_dir: str = _f("runs", "folder that holds all runs")
+    preset: str = _f("cpu", "preset: tiny (tests, seconds), cpu (default), gpu (larger model)")
+    seed: int = _f(0, "seed of every random generator in the run")
+    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    force: bool = _f(False, "rerun a stage even if its outputs exist")
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained on the world's corpus."""
+
+    vocab_size: int = _f(768, "256 bytes + learned merges + 1 special token (<|endoftext|>)")
+
+
+@dataclass
+class ModelConfig:
+    """Size of the tiny GPT (the vocabulary size comes from the tokenizer)."""
+
+    n_layer: int = _f(4, "transformer blocks")
+    n_head: int = _f(4, "attention heads per block")
+    n_embd: int = _f(128, "residual stream width")
+    block_size: int = _f(128, "context length in tokens (prompt + response + end-of-text)")
+    dropout: float = _f(0.0, "dropout probability (0: the toy world needs none)")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations."""
+
+    steps: int = _f(600, "optimizer steps")
+    batch_size: int = _f(32, "sequences per step")
+    lr: float = _f(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
+    warmup_steps: int = _f(30, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (not on biases or norms)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    n_demos: int = _f(4000, "demonstrations sampled from the training prompts")
+    n_eval_demos: int = _f(400, "demonstrations sampled from the held-out prompts")
+    all_tokens: bool = _f(False, "train on prompt tokens too (default: response tokens only)")
+    eval_every: int = _f(100, "held-out loss every N steps")
+    ckpt_every: int = _f(100, "checkpoint every N steps")
+    resume: bool = _f(False, "continue from the run's last checkpoint")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling from a policy."""
+
+    n: int = _f(8, "samples to draw (cycling through the held-out prompts)")
+    temperature: float = _f(1.0, "softmax temperature (0: greedy)")
+    top_k: int = _f(0, "keep the k most likely tokens (0: all)")
+    max_new_tokens: int = _f(64, "maximum response length in tokens")
+    split: str = _f("eval", "prompts to sample from: eval (held out) or train")
+
+
+@dataclass
+class PrefsConfig:
+    """Preference pairs sampled from the SFT policy and labelled by Bradley-Terry on r*."""
+
+    samples_per_prompt: int = _f(12, "completions drawn per prompt (temperature 1)")
+    max_pairs_per_prompt: int = _f(16, "pairs kept per prompt (a random subset of all pairs)")
+    tau: float = _f(
+        0.5, "Bradley-Terry temperature: P(a>b) = sigmoid((r_a - r_b)/tau); 0 = deterministic"
+    )
+    temperature: float = _f(1.0, "sampling temperature for the completions")
+    max_new_tokens: int = _f(64, "maximum completion length in tokens")
+
+
+@dataclass
+class DPOConfig:
+    """DPO training (Eq. 7, arXiv 2305.18290) and its loss family."""
+
+    beta: float = _f(0.1, "KL strength beta: implicit reward = beta * log(pi/pi_ref)")
+    loss: str = _f(
+        "sigmoid", "sigmoid (DPO), ipo, hinge, robust; sigmoid + --label-smoothing = cDPO"
+    )
+    label_smoothing: float = _f(0.0, "label noise eps for conservative/robust DPO (0 <= eps < 0.5)")
+    steps: int = _f(300, "optimizer steps")
+    batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
+    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
+    warmup_steps: int = _f(20, "linear warmup steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    eval_every: int = _f(50, "held-out pair metrics every N steps")
+    ckpt_every: int = _f(50, "checkpoint every N steps")
+    resume: bool = _f(False, "continue from the run's last DPO checkpoint")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a policy on the held-out prompts under the oracle reward."""
+
+    samples_per_prompt: int = _f(32, "samples per held-out prompt")
+    temperature: float = _f(1.0, "sampling temperature (1: the policy itself, as KL needs)")
+    max_new_tokens: int = _f(64, "maximum response length in tokens")
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "tokenizer": {"vocab_size": 768},
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128},
+        "sft": {
+            "steps": 20,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "n_demos": 200,
+            "n_eval_demos": 40,
+            "eval_every": 10,
+            "ckpt_every": 10,
+        },
+        "sample": {"max_new_tokens": 48},
+        "prefs": {"samples_per_prompt": 4, "max_pairs_per_prompt": 3, "max_new_tokens": 48},
+        "dpo": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "ckpt_every": 5},
+        "eval": {"samples_per_prompt": 2, "max_new_tokens": 48},
+    },
+    "cpu": {},
+    "gpu": {
+        "tokenizer": {"vocab_size": 1024},
+        "model": {"n_layer": 8, "n_head": 8, "n_embd": 384, "block_size": 128},
+        "sft": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "n_demos": 40000},
+    },
+}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str) -> None:
+    """Add one flag per field of dataclass `cls`; defaults are left unset so `resolve` can
+    tell what the user typed from what a preset or the dataclass supplies."""
+    g = parser.add_argument_group(group, cls.__doc__)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            g.add_argument(flag, dest=f.name, type=typ, help=help_, metavar=f.name.upper())
+
+
+def resolve(cls: type[T], group: str, preset: str, args: argparse.Namespace | None) -> T:
+    """Dataclass default <- preset[group] <- flags the user typed."""
+    if preset not in PRESETS:
+        raise MinidpoError(
+            f"--preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})"
+        )
+    values = dict(PRESETS[preset].get(group, {}))
+    if args is not None:
+        for f in fields(cls):
+            v = getattr(args, f.name, None)
+            if v is not None:
+                values[f.name] = v
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain dict (saved in checkpoints and run folders)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+    """Rebuild a config saved by `to_dict`, ignoring keys this version does not know."""
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,245 @@
+"""The DPO trainer: pi_theta initialised from SFT, trained on preference pairs with Eq. 7.
+
+    L_DPO = -E[ log sigmoid( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ]
+
+What makes it cheap, as in the reference implementation:
+- the reference log-probs log pi_ref(y|x) are computed ONCE, in batches, before
+  training, and cached beside the pairs (``<pairs>.ref-<key>.pt``, keyed by the
+  content hash of the pairs file and of the SFT checkpoint), so no reference model
+  sits in memory during training and nothing is recomputed unless the pairs or
+  the SFT checkpoint change;
+- chosen and rejected responses go through the policy in one concatenated
+  forward (`minidpo.logprobs.concatenated_logprobs`).
+
+Metrics follow TRL's names: loss, rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (prefixed
+train/ and eval/; eval is every held-out pair).
+
+Left out: a reference model updated during training (TR-DPO), length
+normalisation, padding-free packing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minidpo.atomic import atomic_torch_save, atomic_write_json
+from minidpo.batching import Batch
+from minidpo.config import DPOConfig, to_dict
+from minidpo.errors import MinidpoError
+from minidpo.logprobs import concatenated_batch, concatenated_logprobs
+from minidpo.losses import LOSS_TYPES, preference_loss
+from minidpo.policy import build_policy
+from minidpo.preferences import PreferencePair, load_pairs
+from minidpo.tokenizer import Tokenizer
+from minidpo.training import LoopConfig, load_checkpoint, train
+from minidpo.world import format_prompt
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of N preference pairs (responses end with eot when they terminated)."""
+
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, idx: Sequence[int], pad_id: int) -> Batch:
+        """The concatenated [chosen; rejected] batch of the pairs at `idx` (2B rows)."""
+        return concatenated_batch(
+            [self.prompts[i] for i in idx],
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            pad_id=pad_id,
+        )
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], tok: Tokenizer, block_size: int, source: str
+) -> TokenizedPairs:
+    """Encode pairs; a pair longer than the model's context is an error naming it."""
+    prompts = tok.encode_batch([format_prompt(p.prompt) for p in pairs])
+    chosen = tok.encode_batch([p.chosen for p in pairs])
+    rejected = tok.encode_batch([p.rejected for p in pairs])
+    for i, p in enumerate(pairs):
+        if p.chosen_terminated:
+            chosen[i].append(tok.eot_id)
+        if p.rejected_terminated:
+            rejected[i].append(tok.eot_id)
+        longest = len(prompts[i]) + max(len(chosen[i]), len(rejected[i])) - 1
+        if longest > block_size:
+            raise MinidpoError(
+                f"{source}: pair {i + 1} needs {longest} tokens, the model's context is {block_size}"
+            )
+    return TokenizedPairs(prompts, chosen, rejected)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_logps(
+    model: torch.nn.Module, data: TokenizedPairs, pad_id: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_w|x), log pi(y_l|x) for every pair, in batches: (N,), (N,) on CPU."""
+    device = next(model.parameters()).device
+    model.eval()
+    chosen, rejected = [], []
+    for s in range(0, len(data), batch_size):
+        idx = range(s, min(s + batch_size, len(data)))
+        c, r = concatenated_logprobs(model, data.batch(idx, pad_id).to(device))
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def reference_logps(
+    pairs_path: Path, sft_path: Path, data: TokenizedPairs, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs of every pair, from the cache beside the pairs when it is current.
+
+    The cache key is the hash of the pairs file and of the SFT checkpoint: change
+    either and the cache is recomputed (with the reference model loaded only then).
+    """
+    key = hashlib.sha256((file_sha256(pairs_path) + file_sha256(sft_path)).encode()).hexdigest()
+    cache = pairs_path.with_name(f"{pairs_path.stem}.ref-{key[:16]}.pt")
+    if cache.exists():
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+            if saved.get("key") == key and len(saved["chosen"]) == len(data):
+                return saved["chosen"], saved["rejected"]
+        except Exception:
+            pass  # unreadable cache: recompute it
+    ref, _ = build_policy(load_checkpoint(sft_path, kind="policy"))
+    chosen, rejected = compute_logps(ref.to(device), data, pad_id)
+    atomic_torch_save({"key": key, "chosen": chosen, "rejected": rejected}, cache)
+    del ref
+    return chosen, rejected
+
+
+def preference_metrics(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    cfg: DPOConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean loss over the pairs and TRL-named metrics."""
+    out = preference_loss(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=cfg.beta,
+        loss_type=cfg.loss,
+        label_smoothing=cfg.label_smoothing,
+    )
+    loss = out.losses.mean()
+    margins = out.chosen_rewards - out.rejected_rewards
+    return loss, {
+        "loss": loss.item(),
+        "rewards/chosen": out.chosen_rewards.mean().item(),
+        "rewards/rejected": out.rejected_rewards.mean().item(),
+        "rewards/accuracies": (margins > 0).float().mean().item(),
+        "rewards/margins": margins.mean().item(),
+        "logps/chosen": policy_chosen.detach().mean().item(),
+        "logps/rejected": policy_rejected.detach().mean().item(),
+    }
+
+
+def run_dpo(
+    *,
+    sft_path: Path,
+    train_pairs: Path,
+    eval_pairs: Path | None,
+    out_dir: Path,
+    cfg: DPOConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train a DPO policy from the SFT checkpoint; returns the final metrics summary."""
+    if cfg.loss not in LOSS_TYPES:
+        raise MinidpoError(
+            f"--loss: unknown loss {cfg.loss!r} (choose from {', '.join(LOSS_TYPES)})"
+        )
+    if cfg.beta <= 0:
+        raise MinidpoError(f"--beta: must be > 0, got {cfg.beta}")
+    sft = load_checkpoint(sft_path, kind="policy")
+    policy, tok = build_policy(sft)
+    policy = policy.to(device)
+    block = policy.config.block_size
+    train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
+    ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device)
+    if eval_pairs is not None:
+        eval_data = tokenize_pairs(load_pairs(eval_pairs)[0], tok, block, str(eval_pairs))
+        eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device)
+
+    def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
+        rng = np.random.default_rng([seed, 3, step])
+        idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
+        return train_data.batch(idx, tok.eot_id).to(device), torch.as_tensor(idx)
+
+    def loss_fn(model: torch.nn.Module, item: tuple[Batch, torch.Tensor]):
+        batch, idx = item
+        pc, pr = concatenated_logprobs(model, batch)
+        loss, metrics = preference_metrics(
+            pc, pr, ref_c[idx].to(device), ref_r[idx].to(device), cfg
+        )
+        return loss, {**metrics, "tokens": batch.n_tokens}
+
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        pc, pr = compute_logps(model, eval_data, tok.eot_id)
+        return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
+
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]",
+    )
+    t0 = time.perf_counter()
+    last = train(
+        policy,
+        loop=loop,
+        get_batch=get_batch,
+        loss_fn=loss_fn,
+        ckpt_path=out_dir / "checkpoint.pt",
+        metrics_path=out_dir / "metrics.jsonl",
+        checkpoint_extra={
+            "kind": "policy",
+            "stage": "dpo",
+            "model_config": sft["model_config"],
+            "tokenizer": tok.to_dict(),
+            "stage_config": {"dpo": to_dict(cfg), "seed": seed, "sft": str(sft_path)},
+        },
+        eval_fn=eval_fn if eval_pairs is not None else None,
+        stop_after=stop_after,
+        progress=progress,
+    )
+    summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_data)}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,519 @@
+"""A tiny GPT, written from scratch, plus a scalar head for reward and value models.
+
+What it is: a decoder-only transformer in the GPT-2 layout (Radford et al. 2019,
+"Language Models are Unsupervised Multitask Learners", Sec. 2.3): token and learned
+position embeddings, pre-LayerNorm blocks ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``,
+causal self-attention through ``F.scaled_dot_product_attention``, a 4x GELU MLP, a
+final LayerNorm, and an output head whose weight is tied to the token embedding.
+
+- `GPTConfig`: the hyperparameters, a reason for each; `param_count(config)` gives
+  the closed-form number of parameters.
+- `GPT.forward(idx, attention_mask)` -> logits (B, T, V); `GPT.hidden_states` -> (B, T, C).
+- `GPT.generate`: batched sampling of prompts of different lengths (left-padded),
+  with one seeded generator per row so a row's sample never depends on its batch,
+  and a key/value cache (`KVCache`) so each new token costs one position, not T.
+- `ScalarHeadModel`: the same body with a ``Linear(n_embd, 1)`` head, one scalar per
+  position: the reward model (Bradley-Terry) and the PPO value model.
+
+Padding. ``attention_mask`` is 1 for real tokens and 0 for padding.
+- Right padding (training, log-probs) needs no mask: attention is causal, so a real
+  token only ever sees earlier positions, which are real too. Outputs at padding
+  positions are meaningless and must be masked out of any loss.
+- Left padding (generation) needs the mask: positions are counted from each row's
+  first real token, and no query attends to a padding key.
+
+What it leaves out, on purpose: dropout beyond the embedding/residual dropouts and
+SDPA's ``dropout_p``; flash-attention or fused-kernel code (SDPA picks a kernel);
+weight-decay parameter groups and the optimizer (the training loop's job); loading
+pretrained GPT-2 weights; MFU estimates; mixed precision; rotary or ALiBi positions;
+top-p and beam search. The KV cache grows by concatenation, not a preallocated buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from minidpo.errors import MinidpoError
+
+
+@dataclass
+class GPTConfig:
+    """Hyperparameters of `GPT`. The defaults put ~0.8M parameters in the blocks."""
+
+    vocab_size: int
+    """Number of token ids, including special tokens; the tokenizer decides it."""
+
+    block_size: int = 128
+    """Longest sequence the model can see: the size of the position-embedding table.
+    Prompt plus response must fit; 128 is ample for the toy world's short answers."""
+
+    n_layer: int = 4
+    """Number of transformer blocks. Four is enough to learn the toy world on a CPU."""
+
+    n_head: int = 4
+    """Attention heads per block; must divide ``n_embd`` (head size = n_embd // n_head)."""
+
+    n_embd: int = 128
+    """Width of the residual stream (C). Cost grows as n_embd**2 per token per layer."""
+
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches while training.
+    0.0 by default: tiny models on small data rarely need it, and it keeps runs exact."""
+
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms, as in GPT-2. False is slightly smaller."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MinidpoError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise MinidpoError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise MinidpoError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields, for JSON and checkpoints."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MinidpoError(f"GPTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def param_count(config: GPTConfig, non_embedding: bool = False) -> int:
+    """Closed-form number of parameters of ``GPT(config)``.
+
+    With C = n_embd, L = n_layer, V = vocab_size, P = block_size, and b = 1 if
+    ``config.bias`` else 0:
+
+        token embedding (tied with lm_head, counted once)   V*C
+        position embedding                                   P*C
+        per block: ln_1, ln_2               2 * (C + b*C)
+                   attention  c_attn        C*3C + b*3C
+                              c_proj        C*C  + b*C
+                   MLP        c_fc          C*4C + b*4C
+                              c_proj        4C*C + b*C
+                   = 12*C**2 + 2*C + b*11*C
+        final LayerNorm                                      C + b*C
+
+        total = V*C + P*C + L*(12*C**2 + (2 + 11*b)*C) + (1 + b)*C
+
+    ``non_embedding`` drops the position embedding, as nanoGPT does: the token
+    embedding stays because, tied, it is also the output layer's weight.
+
+    Example: GPTConfig(vocab_size=512) (C=128, L=4, P=128, bias) ->
+    65536 + 16384 + 4*(196608 + 1664) + 256 = 875264.
+    """
+    C, L, b = config.n_embd, config.n_layer, int(config.bias)
+    per_block = 12 * C * C + (2 + 11 * b) * C
+    total = config.vocab_size * C + config.block_size * C + L * per_block + (1 + b) * C
+    if non_embedding:
+        total -= config.block_size * C
+    return total
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counted from its row's first real token.
+
+    attention_mask (B, T), 1 = real, 0 = padding  ->  (B, T) long. Padding before the
+    first real token gets 0 (it is never attended to, so its value does not matter).
+
+    Example: [[0, 0, 1, 1, 1]] -> [[0, 0, 0, 1, 2]].
+    """
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+
+
+def attention_bool_mask(attention_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Boolean SDPA mask, True where a query may attend to a key.
+
+    attention_mask (B, Tk) over all keys (cached ones first); the queries are the last
+    ``num_queries`` (Tq) positions. A query attends to a key when the key is not in its
+    future AND the key is real; every query also attends to itself, so a padding query
+    never has a fully masked row (which would make softmax return NaN).
+
+    Returns (B, 1, Tq, Tk), broadcast over heads.
+    """
+    Tk = attention_mask.size(1)  # keys, cached ones included
+    device = attention_mask.device
+    q_pos = torch.arange(Tk - num_queries, Tk, device=device)  # (Tq,) absolute index
+    k_pos = torch.arange(Tk, device=device)  # (Tk,)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
+    itself = k_pos[None, :] == q_pos[:, None]  # (Tq, Tk)
+    key_real = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk)
+    return (causal & key_real) | itself  # (B, 1, Tq, Tk)
+
+
+class KVCache:
+    """Keys and values of the positions already processed, one pair per layer.
+
+    Each ``update`` appends the new positions' keys/values (B, nh, T_new, hs) along
+    time and returns the full (B, nh, T_past + T_new, hs) tensors for attention.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached so far (read before a step updates layer 0)."""
+        k = self.keys[0]
+        return 0 if k is None else k.size(2)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.keys[layer], self.values[layer]
+        if past_k is not None and past_v is not None:
+            k = torch.cat([past_k, k], dim=2)  # (B, nh, T_past + T_new, hs)
+            v = torch.cat([past_v, v], dim=2)  # (B, nh, T_past + T_new, hs)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017, Eq. 1) via SDPA."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key, value projections for all heads, in one matrix
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C); attn_mask None (plain causal) or bool (B, 1, T, T_past + T)."""
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, T_past + T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        # softmax(q k^T / sqrt(hs)) v, Eq. 1 of Vaswani et al. 2017
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        # y: (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: Linear(C, 4C), GELU (exact, not tanh), Linear(4C, C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """One transformer block, LayerNorm at the input of each sub-block (GPT-2, Sec. 2.3)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    """The language model: ids (B, T) -> next-token logits (B, T, V).
+
+    ``generator`` seeds the initialization; without it the global torch RNG is used.
+    """
+
+    def __init__(self, config: GPTConfig, *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017, as in GPT-2): one (V, C) matrix both embeds
+        # ids and scores the next token.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02, generator=generator)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Scale the residual projections by 1/sqrt(N), N = 2 * n_layer residual layers,
+        # per GPT-2 paper (Sec. 2.3): the residual stream's variance then stays put with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                std = 0.02 / math.sqrt(2 * config.n_layer)
+                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters of this model (tied weights once); equals `param_count(config)`.
+
+        ``non_embedding`` subtracts the position embedding only (see `param_count`).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def _hidden(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C) of the T new positions in ``idx`` (B, T).
+
+        With a cache, ``attention_mask`` covers the cached positions and the new ones,
+        (B, T_past + T); without a mask all positions are taken as real.
+        """
+        B, T = idx.shape
+        T_total = T + (cache.length if cache is not None else 0)
+        if T_total > self.config.block_size:
+            raise MinidpoError(
+                f"sequence of {T_total} tokens is longer than the model's "
+                f"block_size={self.config.block_size} (GPTConfig.block_size)"
+            )
+        if attention_mask is None and cache is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+            attn_mask = None  # plain causal attention, SDPA's is_causal=True
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, T_total, dtype=torch.long, device=idx.device)
+            if tuple(attention_mask.shape) != (B, T_total):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                    f"expected {(B, T_total)}"
+                )
+            pos = position_ids(attention_mask)[:, -T:]  # (B, T)
+            attn_mask = attention_bool_mask(attention_mask, T)  # (B, 1, T, T_total)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        x = self.transformer.drop(tok_emb + pos_emb)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, cache)  # (B, T, C)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def hidden_states(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) long -> final hidden states (B, T, C), after ln_f."""
+        return self._hidden(idx, attention_mask, None)
+
+    def forward(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) long -> logits (B, T, V); logits[:, t] scores token t + 1.
+
+        attention_mask (B, T): 1 real, 0 padding. Needed for left padding only; see the
+        module docstring.
+        """
+        return self.lm_head(self.hidden_states(idx, attention_mask))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        eot_id: int,
+        seeds: Sequence[int],
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+    ) -> list[list[int]]:
+        """Sample a response for each prompt; returns the response ids per row.
+
+        Prompts of different lengths are left-padded into one batch. A row stops at
+        ``eot_id`` (included in its output) or after ``max_new_tokens``; finished rows
+        are ignored from then on and the loop ends when every row is done.
+
+        Row i draws its ``max_new_tokens`` uniforms up front from a CPU generator
+        seeded with ``seeds[i]`` and samples by inverse CDF (`sample_next_token`), so
+        its output depends only on (prompt, seed), never on the rest of the batch.
+        ``temperature == 0`` is greedy. The model is put in eval mode while sampling.
+        """
+        if len(seeds) != len(prompts):
+            raise MinidpoError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        if max_new_tokens < 1:
+            raise MinidpoError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise MinidpoError(f"generate: temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise MinidpoError(f"generate: top_k must be >= 1 or None, got {top_k}")
+        V, block_size = self.config.vocab_size, self.config.block_size
+        if not 0 <= eot_id < V:
+            raise MinidpoError(f"generate: eot_id {eot_id} is outside the vocabulary [0, {V})")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise MinidpoError(f"generate: prompt {i} is empty")
+            if len(p) + max_new_tokens > block_size:
+                raise MinidpoError(
+                    f"generate: prompt {i} has {len(p)} tokens + max_new_tokens "
+                    f"{max_new_tokens} > block_size {block_size}"
+                )
+            if min(p) < 0 or max(p) >= V:
+                raise MinidpoError(f"generate: prompt {i} has a token id outside [0, {V})")
+        if not prompts:
+            return []
+
+        device = self.device
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        idx = torch.full((B, T0), eot_id, dtype=torch.long)  # (B, T0), pad value is masked
+        mask = torch.zeros((B, T0), dtype=torch.long)  # (B, T0)
+        for i, p in enumerate(prompts):
+            idx[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long)  # left padding
+            mask[i, T0 - len(p) :] = 1
+        idx, mask = idx.to(device), mask.to(device)
+        uniforms = torch.stack(  # (B, max_new_tokens), each row from its own seed
+            [
+                torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)))
+                for s in seeds
+            ]
+        ).to(device)
+
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache(self.config.n_layer) if use_cache else None
+            logits = self.lm_head(self._hidden(idx, mask, cache)[:, -1])  # (B, V)
+            responses: list[list[int]] = [[] for _ in range(B)]
+            done = [False] * B
+            for t in range(max_new_tokens):
+                next_ids = sample_next_token(logits, uniforms[:, t], temperature, top_k)  # (B,)
+                for i, tok in enumerate(next_ids.tolist()):
+                    if not done[i]:
+                        responses[i].append(tok)
+                        done[i] = tok == eot_id
+                if all(done) or t == max_new_tokens - 1:
+                    break
+                new = next_ids[:, None]  # (B, 1)
+                mask = torch.cat([mask, torch.ones_like(new)], dim=1)  # (B, T + 1)
+                if cache is not None:
+                    h = self._hidden(new, mask, cache)  # (B, 1, C): one new position
+                else:
+                    idx = torch.cat([idx, new], dim=1)  # (B, T + 1)
+                    h = self._hidden(idx, mask, None)  # (B, T + 1, C): recompute all
+                logits = self.lm_head(h[:, -1])  # (B, V)
+        finally:
+            self.train(was_training)
+        return responses
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """Draw one token per row by inverse-CDF sampling with the given uniforms.
+
+    logits (B, V), uniforms (B,) in [0, 1) -> ids (B,) long. Row i returns the first
+    token whose cumulative probability exceeds ``uniforms[i]``. ``temperature == 0``
+    returns the argmax; ``top_k`` keeps the k largest logits (ties may keep more).
+
+    Example: probabilities [0.1, 0.2, 0.7] and u = 0.25 -> token 1 (0.1 <= 0.25 < 0.3).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    # Scale u by the total so a cdf ending at 1 - eps cannot run off the end; right=True
+    # skips zero-probability tokens (cdf[j] == cdf[j-1] can never bracket u).
+    target = (uniforms.to(cdf) * cdf[:, -1])[:, None]  # (B, 1)
+    ids = torch.searchsorted(cdf, target, right=True)  # (B, 1)
+    return ids.squeeze(1).clamp(max=logits.size(-1) - 1)  # (B,)
+
+
+class ScalarHeadModel(nn.Module):
+    """A GPT body with a scalar head: ids (B, T) -> one scalar per position (B, T).
+
+    Used as the reward model (its value at the last real token is r(x, y)) and the PPO
+    value model. ``ScalarHeadModel(gpt)`` SHARES ``gpt``'s modules; pass
+    ``copy.deepcopy(gpt)`` for an independent one. The body's lm_head is unused (it is
+    the tied token embedding, so it adds no parameters).
+
+    The head is ``Linear(n_embd, 1)`` with a small normal init, std 1/sqrt(n_embd + 1),
+    and a zero bias: the first outputs are near zero, yet gradients reach the body from
+    the first step (an all-zero head would give the body no gradient at step one).
+    """
+
+    def __init__(self, body: GPT, *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.body = body
+        n_embd = body.config.n_embd
+        self.head = nn.Linear(n_embd, 1)
+        std = 1 / math.sqrt(n_embd + 1)
+        nn.init.normal_(self.head.weight, mean=0.0, std=std, generator=generator)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(body.device)  # initialized on CPU, where ``generator`` lives
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.body.config
+
+    def forward(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) long -> scalars (B, T); padding positions are meaningless."""
+        h = self.body.hidden_states(idx, attention_mask)  # (B, T, C)
+        return self.head(h).squeeze(-1)  # (B, T)

@@ -1,0 +1,173 @@
+"""Preference pairs: sampled from the SFT policy, labelled by Bradley-Terry on the oracle reward.
+
+As in the paper's controlled IMDb experiment (Sec. 6.1), the pairs come from the
+SFT policy itself: for each training prompt draw K completions at temperature 1,
+score each with the oracle reward r*, and for each pair (a, b) of distinct
+completions draw the label from the Bradley-Terry model (Eq. 1, arXiv 2305.18290)
+
+    P(a beats b) = sigmoid((r*(a) - r*(b)) / tau)
+
+with a seeded generator. tau -> 0 makes the label deterministic (the higher
+reward wins); pairs with equal reward or identical text are dropped (ties carry
+no preference).
+
+Files are JSONL in TRL's standard form, one pair per line:
+    {"prompt": ..., "chosen": ..., "rejected": ..., "score_chosen": ..., "score_rejected": ...,
+     "chosen_terminated": true, "rejected_terminated": true}
+`load_pairs` accepts any TRL-form file (extra keys are ignored, so users can
+bring their own pairs) and validates every line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minidpo.atomic import atomic_write_jsonl
+from minidpo.errors import MinidpoError
+from minidpo.oracle import oracle_reward
+from minidpo.policy import Sample
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One labelled comparison; responses are text without the end-of-text marker."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+    chosen_terminated: bool = True  # False: the sampled response never emitted end-of-text
+    rejected_terminated: bool = True
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def bradley_terry_prob(r_a: float, r_b: float, tau: float) -> float:
+    """P(a beats b) = sigmoid((r_a - r_b) / tau)  (Eq. 1, arXiv 2305.18290); tau=0 -> step."""
+    if tau == 0:
+        return 1.0 if r_a > r_b else 0.0 if r_a < r_b else 0.5
+    z = (r_a - r_b) / tau
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def label_pairs(
+    samples: Sequence[Sample],
+    rewards: Sequence[float],
+    *,
+    tau: float,
+    rng: np.random.Generator,
+    max_pairs_per_prompt: int | None = None,
+) -> list[PreferencePair]:
+    """Pairs among the samples of each prompt, labelled by a Bradley-Terry draw.
+
+    Samples of one prompt are compared two by two; identical texts and equal
+    rewards are dropped; when a prompt has more candidate pairs than
+    `max_pairs_per_prompt`, a random subset is kept.
+    """
+    if tau < 0:
+        raise MinidpoError(f"--tau: must be >= 0, got {tau}")
+    by_prompt: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(s.prompt, []).append(i)
+    pairs: list[PreferencePair] = []
+    for prompt, idx in by_prompt.items():
+        candidates = [
+            (a, b)
+            for a, b in itertools.combinations(idx, 2)
+            if samples[a].response != samples[b].response and rewards[a] != rewards[b]
+        ]
+        if max_pairs_per_prompt is not None and len(candidates) > max_pairs_per_prompt:
+            keep = rng.choice(len(candidates), size=max_pairs_per_prompt, replace=False)
+            candidates = [candidates[k] for k in sorted(keep)]
+        for a, b in candidates:
+            a_wins = rng.random() < bradley_terry_prob(rewards[a], rewards[b], tau)
+            win, lose = (a, b) if a_wins else (b, a)
+            pairs.append(
+                PreferencePair(
+                    prompt=prompt,
+                    chosen=samples[win].response,
+                    rejected=samples[lose].response,
+                    score_chosen=rewards[win],
+                    score_rejected=rewards[lose],
+                    chosen_terminated=samples[win].terminated,
+                    rejected_terminated=samples[lose].terminated,
+                )
+            )
+    return pairs
+
+
+def score_samples(samples: Sequence[Sample]) -> list[float]:
+    """Oracle reward of each sample (unterminated samples are penalised by the oracle)."""
+    return [oracle_reward(s.prompt, s.response, terminated=s.terminated) for s in samples]
+
+
+def save_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
+    """Write pairs as TRL-form JSONL, atomically."""
+    return atomic_write_jsonl(path, (p.to_json() for p in pairs))
+
+
+def load_pairs(path: str | Path, *, warn: bool = True) -> tuple[list[PreferencePair], int]:
+    """Read and validate a TRL-form preference file; returns (pairs, number skipped).
+
+    Every line must be a JSON object with non-empty string "prompt", "chosen" and
+    "rejected"; anything else raises MinidpoError naming ``file:line``. Blank lines
+    are ignored. A pair whose chosen equals its rejected carries no preference: it
+    is skipped and counted (one warning line on stderr).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MinidpoError(f"{path}: preference file not found")
+    pairs: list[PreferencePair] = []
+    skipped = 0
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MinidpoError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MinidpoError(f"{path}:{n}: expected a JSON object")
+            for key in ("prompt", "chosen", "rejected"):
+                if key not in row:
+                    raise MinidpoError(f"{path}:{n}: missing field {key!r}")
+                if not isinstance(row[key], str):
+                    raise MinidpoError(f"{path}:{n}: field {key!r} is not a string")
+                if not row[key].strip():
+                    raise MinidpoError(f"{path}:{n}: field {key!r} is empty")
+            if row["chosen"] == row["rejected"]:
+                skipped += 1
+                continue
+            pairs.append(
+                PreferencePair(
+                    prompt=row["prompt"],
+                    chosen=row["chosen"],
+                    rejected=row["rejected"],
+                    score_chosen=_opt_float(row.get("score_chosen")),
+                    score_rejected=_opt_float(row.get("score_rejected")),
+                    chosen_terminated=bool(row.get("chosen_terminated", True)),
+                    rejected_terminated=bool(row.get("rejected_terminated", True)),
+                )
+            )
+    if skipped and warn:
+        sys.stderr.write(
+            f"minidpo: warning: {path}: skipped {skipped} pairs with chosen == rejected\n"
+        )
+    if not pairs:
+        raise MinidpoError(f"{path}: no usable preference pairs")
+    return pairs, skipped
+
+
+def _opt_float(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

@@ -1,0 +1,189 @@
+"""Supervised fine-tuning: the tiny GPT learns the toy world from demonstrations.
+
+Stage 1 of both pipelines (RLHF and DPO). The GPT is trained from scratch on
+(prompt, response) demonstrations of mixed quality (`world.sample_demonstrations`)
+with the next-token cross-entropy on the response tokens only (prompt tokens
+masked; ``--all-tokens`` trains on both). The result is pi_SFT, which the later
+stages also use as the frozen reference pi_ref.
+
+Outputs under runs/<name>/:
+    tokenizer.json          the BPE tokenizer trained on the world's corpus
+    sft/checkpoint.pt       model, optimizer, step, configs and tokenizer
+    sft/metrics.jsonl       train/loss, eval/loss, lr, grad_norm per step
+    sft/summary.json        final losses and wall time
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minidpo.atomic import atomic_write_json
+from minidpo.batching import Batch, build_batch
+from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, to_dict
+from minidpo.errors import MinidpoError
+from minidpo.model import GPT, GPTConfig
+from minidpo.tokenizer import Tokenizer, train_bpe
+from minidpo.training import LoopConfig, load_checkpoint, resolve_device, train
+from minidpo.world import World, format_prompt, load_world, sample_demonstrations
+
+
+def run_dir(run: RunConfig) -> Path:
+    """runs/<name>/"""
+    return Path(run.runs_dir) / run.name
+
+
+def prepare_tokenizer(run: RunConfig, cfg: TokenizerConfig, world: World) -> Tokenizer:
+    """Train the tokenizer on the world's corpus, or load the run's if it matches `cfg`."""
+    path = run_dir(run) / "tokenizer.json"
+    if path.exists() and not run.force:
+        tok = Tokenizer.load(path)
+        if tok.vocab_size == cfg.vocab_size:
+            return tok
+    tok = train_bpe(world.corpus(), cfg.vocab_size)
+    tok.save(path)
+    return tok
+
+
+def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked positions."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(
+        logits.reshape(B * T, V),  # (B*T, V)
+        batch.labels.clamp(min=0).reshape(B * T),  # (B*T,)
+        reduction="none",
+    ).view(B, T)  # (B, T)
+    return (nll * batch.mask).sum() / batch.mask.sum()
+
+
+def tokenize_demos(tok: Tokenizer, demos: list) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (formatted prompt) and response ids (+ end-of-text) of each demonstration."""
+    prompts = tok.encode_batch([format_prompt(d.prompt) for d in demos])
+    responses = [[*ids, tok.eot_id] for ids in tok.encode_batch([d.response for d in demos])]
+    return prompts, responses
+
+
+def run_sft(
+    run: RunConfig,
+    tok_cfg: TokenizerConfig,
+    model_cfg: ModelConfig,
+    cfg: SFTConfig,
+    *,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train (or skip, if done with the same config) the SFT policy; returns its summary."""
+    out = run_dir(run) / "sft"
+    ckpt_path = out / "checkpoint.pt"
+    stage_config = {
+        "tokenizer": to_dict(tok_cfg),
+        "model": to_dict(model_cfg),
+        "sft": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "seed": run.seed,
+    }
+    if ckpt_path.exists() and not run.force:
+        ckpt = load_checkpoint(ckpt_path, kind="policy")
+        if ckpt.get("stage_config") != stage_config:
+            raise MinidpoError(
+                f"{ckpt_path}: exists with another configuration; "
+                "use --force to retrain or --name for a new run"
+            )
+        if ckpt.get("done"):
+            return load_summary(out)
+        cfg.resume = True  # an unfinished run with the same config: continue it
+
+    device = resolve_device(run.device)
+    world = load_world()
+    tok = prepare_tokenizer(run, tok_cfg, world)
+    torch.manual_seed(run.seed)
+    gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, **to_dict(model_cfg))
+    model = GPT(gpt_cfg).to(device)
+
+    demo_rng = np.random.default_rng([run.seed, 1])
+    train_p, train_r = tokenize_demos(tok, sample_demonstrations(world, cfg.n_demos, demo_rng))
+    eval_demos = sample_demonstrations(world, cfg.n_eval_demos, demo_rng, split="eval")
+    eval_p, eval_r = tokenize_demos(tok, eval_demos)
+    longest = max(len(p) + len(r) for p, r in zip(train_p + eval_p, train_r + eval_r, strict=False))
+    if longest - 1 > gpt_cfg.block_size:
+        raise MinidpoError(
+            f"--block-size {gpt_cfg.block_size}: the longest demonstration needs {longest - 1}"
+        )
+
+    def get_batch(step: int) -> Batch:
+        rng = np.random.default_rng([run.seed, 2, step])  # the batch depends on (seed, step) only
+        idx = rng.integers(0, len(train_p), cfg.batch_size)
+        return build_batch(
+            [train_p[i] for i in idx],
+            [train_r[i] for i in idx],
+            pad_id=tok.eot_id,
+            all_tokens=cfg.all_tokens,
+        ).to(device)
+
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = lm_loss(m(batch.input_ids), batch)
+        return loss, {"loss": loss.item(), "tokens": batch.n_tokens}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        total, count = 0.0, 0.0
+        for s in range(0, len(eval_p), 128):
+            b = build_batch(eval_p[s : s + 128], eval_r[s : s + 128], pad_id=tok.eot_id).to(device)
+            n = float(b.mask.sum())
+            total += lm_loss(m(b.input_ids), b).item() * n
+            count += n
+        return {"loss": total / count}
+
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        desc="sft",
+    )
+    t0 = time.perf_counter()
+    last = train(
+        model,
+        loop=loop,
+        get_batch=get_batch,
+        loss_fn=loss_fn,
+        ckpt_path=ckpt_path,
+        metrics_path=out / "metrics.jsonl",
+        checkpoint_extra={
+            "kind": "policy",
+            "stage": "sft",
+            "model_config": to_dict(gpt_cfg),
+            "tokenizer": tok.to_dict(),
+            "stage_config": stage_config,
+        },
+        eval_fn=eval_fn,
+        stop_after=stop_after,
+        progress=progress,
+    )
+    summary = {
+        "steps": cfg.steps,
+        "train_loss": last.get("train/loss"),
+        "eval_loss": last.get("eval/loss"),
+        "wall_s": time.perf_counter() - t0,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "n_params": model.num_params(),
+        "device": str(device),
+    }
+    if stop_after is None or last.get("step") == cfg.steps:
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_summary(out: Path) -> dict[str, Any]:
+    """The summary.json a finished SFT run wrote (empty if it wrote none)."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,249 @@
+"""The training-loop pieces every stage shares: optimizer, schedule, checkpoints, metrics.
+
+SFT, DPO and the reward model all train the same way: AdamW (weight decay on
+matrices only), linear warmup then cosine decay, global gradient-norm clipping,
+a held-out evaluation every few steps, metrics appended to a JSONL file, a tqdm
+progress bar, and checkpoints written atomically so a killed run resumes where it
+left off. `train` runs that loop; the stage supplies only a `loss_fn` and a
+deterministic `get_batch(step)`. Because the batch of step s depends on (seed, s)
+alone, a run stopped after k steps and resumed ends with the same weights as one
+that was never stopped.
+
+Left out: gradient accumulation, mixed precision, distributed training; the
+models here are small enough not to need them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from minidpo.atomic import atomic_torch_save, atomic_write_text
+from minidpo.errors import MinidpoError
+
+CHECKPOINT_FORMAT = "minidpo-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is checked, not trusted."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MinidpoError(f"--device: {name!r} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinidpoError(f"--device: {name!r} asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise MinidpoError(f"--device: {name!r} is not supported (use auto, cpu or cuda)")
+    return device
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate at `step` (0-based): linear warmup to `lr`, then cosine to `lr*min_lr_ratio`.
+
+    Example: lr_at(0, lr=1.0, warmup_steps=10, max_steps=100, min_lr_ratio=0.1) == 0.1
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    floor = lr * min_lr_ratio
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on >=2-D tensors (matrices, embeddings) only, as in GPT-2/nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically, stamped with its format and version."""
+    return atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path
+    )
+
+
+def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, or raise one clear MinidpoError.
+
+    `kind` ("policy", "reward_model", ...) is checked when given, so a reward model
+    handed to a stage that wants a policy is refused by name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MinidpoError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise MinidpoError(f"{path}: corrupt or not a checkpoint ({msg})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MinidpoError(f"{path}: not a minidpo checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise MinidpoError(
+            f"{path}: checkpoint version {ckpt.get('version')!r}, "
+            f"this minidpo reads version {CHECKPOINT_VERSION}"
+        )
+    if kind is not None and ckpt.get("kind") != kind:
+        raise MinidpoError(f"{path}: holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+class MetricsLog:
+    """Metrics as JSON lines, one object per logged step: ``{"step": 10, "train/loss": ...}``.
+
+    Appending is not atomic, so on resume the file is cut back to the rows of steps
+    the checkpoint had already taken; the log of a resumed run then equals the log
+    of an uninterrupted one.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = read_metrics(self.path) if resume_step > 0 and self.path.exists() else []
+        kept = [r for r in rows if r["step"] <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics JSONL file."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise MinidpoError(f"{path}:{i}: not valid JSON") from None
+    return rows
+
+
+@dataclass
+class LoopConfig:
+    """The loop settings a stage passes to `train` (taken from its own config)."""
+
+    steps: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    eval_every: int
+    ckpt_every: int
+    resume: bool = False
+    desc: str = "train"
+
+
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train(
+    model: torch.nn.Module,
+    *,
+    loop: LoopConfig,
+    get_batch: Callable[[int], Any],
+    loss_fn: LossFn,
+    ckpt_path: str | Path,
+    metrics_path: str | Path,
+    checkpoint_extra: dict[str, Any],
+    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run the shared loop; returns the last logged metrics.
+
+    `get_batch(step)` must be a pure function of the step (seeded per step), and
+    `loss_fn(model, batch)` returns the scalar loss and a dict of floats to log
+    (``tokens`` counts the tokens the step processed, for tokens/s). The
+    checkpoint holds model, optimizer, step and `checkpoint_extra` (config,
+    tokenizer, ...); it is rewritten every `ckpt_every` steps and at the end with
+    ``done=True``. `stop_after` ends the loop early (as if killed) after that many
+    steps, for the resume tests.
+    """
+    ckpt_path = Path(ckpt_path)
+    optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
+    start = 0
+    if loop.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = int(ckpt["step"])
+    log = MetricsLog(metrics_path, resume_step=start)
+
+    def checkpoint(step: int, done: bool) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                **checkpoint_extra,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "done": done,
+            },
+        )
+
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, loop.steps), desc=loop.desc, disable=not progress, leave=False)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+        lr = lr_at(
+            step,
+            lr=loop.lr,
+            warmup_steps=loop.warmup_steps,
+            max_steps=loop.steps,
+            min_lr_ratio=loop.min_lr_ratio,
+        )
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss, metrics = loss_fn(model, get_batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        tokens += int(metrics.get("tokens", 0))
+        done_steps = step + 1
+        row = {"step": done_steps, "lr": lr, "grad_norm": float(grad_norm)}
+        row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})
+        if eval_fn is not None and (done_steps % loop.eval_every == 0 or done_steps == loop.steps):
+            model.eval()
+            with torch.no_grad():
+                row.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+        log.log(row)
+        last = row
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if done_steps == loop.steps:
+            checkpoint(done_steps, done=True)
+        elif done_steps % loop.ckpt_every == 0:
+            checkpoint(done_steps, done=False)
+        if stop_after is not None and done_steps - start >= stop_after:
+            checkpoint(done_steps, done=False)
+            break
+    bar.close()
+    last["wall_s"] = time.perf_counter() - t0
+    last["tokens_per_s"] = tokens / max(last["wall_s"], 1e-9)
+    return last
