@@ -1,0 +1,82 @@
+"""The command line: help, bad input as one line with exit code 2, and the tiny pipeline."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from minidpo.cli import main
+
+
+def _err_lines(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return [line for line in err if line.strip()]
+
+
+def test_python_m_minidpo_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "minidpo", "--help"], capture_output=True, text=True, check=True
+    )
+    for cmd in ("tokenizer", "sft", "sample", "score", "demo"):
+        assert cmd in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sft", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["sft", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["nope"], "invalid choice: 'nope'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_unknown_preset(tmp_path, capsys):
+    assert main(["sft", "--preset", "huge", "--runs-dir", str(tmp_path)]) == 2
+    (line,) = _err_lines(capsys)
+    assert "--preset" in line and "huge" in line
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    (line,) = _err_lines(capsys)
+    assert f"{tmp_path / 'x.pt'}: checkpoint not found" in line
+
+
+def test_tokenizer_of_another_version(tmp_path, capsys):
+    path = tmp_path / "default" / "tokenizer.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"format": "minidpo-bpe", "version": 99, "merges": []}))
+    before = path.read_text()
+    assert main(["tokenizer", "--runs-dir", str(tmp_path)]) == 2
+    (line,) = _err_lines(capsys)
+    assert str(path) in line and "version" in line
+    assert path.read_text() == before
+
+
+def test_score_prints_breakdown(capsys):
+    assert main(["score", "Explain gravity.", "Gravity is when things fall down."]) == 0
+    out = capsys.readouterr().out
+    assert "0.25" in out
+
+
+def test_score_unknown_prompt(capsys):
+    assert main(["score", "Explain cheese.", "Cheese is food."]) == 2
+    (line,) = _err_lines(capsys)
+    assert "Explain cheese." in line
+
+
+def test_tiny_sft_then_sample(tmp_path, capsys):
+    common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu"]
+    assert main(["sft", *common]) == 0
+    assert main(["sample", *common, "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out loss" in out and "mean oracle reward over 3 samples" in out

@@ -1,0 +1,75 @@
+"""SFT end to end on the tiny preset: determinism, resume, skip, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, resolve
+from minidpo.errors import MinidpoError
+from minidpo.sft import run_sft
+from minidpo.training import load_checkpoint, read_metrics
+
+
+def _cfgs(tmp_path, name, **sft_overrides):
+    run = RunConfig(name=name, runs_dir=str(tmp_path), preset="tiny", device="cpu")
+    tok = resolve(TokenizerConfig, "tokenizer", "tiny", None)
+    model = resolve(ModelConfig, "model", "tiny", None)
+    sft = resolve(SFTConfig, "sft", "tiny", None)
+    for k, v in sft_overrides.items():
+        setattr(sft, k, v)
+    return run, tok, model, sft
+
+
+def _metrics(tmp_path, name):
+    return read_metrics(tmp_path / name / "sft" / "metrics.jsonl")
+
+
+def test_same_seed_same_metrics_twice(tmp_path):
+    run_sft(*_cfgs(tmp_path, "a"), progress=False)
+    run_sft(*_cfgs(tmp_path, "b"), progress=False)
+    a, b = _metrics(tmp_path, "a"), _metrics(tmp_path, "b")
+    assert len(a) == 20
+    for ra, rb in zip(a, b, strict=True):
+        assert ra == rb  # bit-identical floats on CPU
+    assert "eval/loss" in a[-1] and a[-1]["train/loss"] < a[0]["train/loss"]
+
+
+def test_resume_after_stop_equals_uninterrupted(tmp_path):
+    run_sft(*_cfgs(tmp_path, "full"), progress=False)
+    run_sft(*_cfgs(tmp_path, "cut"), progress=False, stop_after=7)
+    stopped = load_checkpoint(tmp_path / "cut" / "sft" / "checkpoint.pt")
+    assert stopped["step"] == 7 and not stopped["done"]
+    run_sft(*_cfgs(tmp_path, "cut", resume=True), progress=False)
+    full = load_checkpoint(tmp_path / "full" / "sft" / "checkpoint.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "cut" / "sft" / "checkpoint.pt")["model"]
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=0, rtol=0, msg=f"weights {k}")
+    assert _metrics(tmp_path, "cut") == _metrics(tmp_path, "full")
+
+
+def test_finished_run_is_skipped_and_other_config_refused(tmp_path):
+    run_sft(*_cfgs(tmp_path, "s"), progress=False)
+    ckpt = tmp_path / "s" / "sft" / "checkpoint.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    summary = run_sft(*_cfgs(tmp_path, "s"), progress=False)
+    assert ckpt.stat().st_mtime_ns == mtime and summary["steps"] == 20
+    with pytest.raises(MinidpoError, match="another configuration"):
+        run_sft(*_cfgs(tmp_path, "s", lr=1e-4), progress=False)
+    assert ckpt.stat().st_mtime_ns == mtime  # nothing overwritten
+
+
+def test_all_tokens_option_trains_on_prompts_too(tmp_path):
+    run_sft(*_cfgs(tmp_path, "all", all_tokens=True, steps=2), progress=False)
+    summary = json.loads((tmp_path / "all" / "sft" / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    run, *rest = _cfgs(tmp_path, "c")
+    path = tmp_path / "c" / "sft" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(MinidpoError, match="corrupt"):
+        run_sft(run, *rest, progress=False)
+    assert path.read_bytes() == b"not a checkpoint"  # left as found
