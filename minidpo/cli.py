@@ -4,6 +4,10 @@
     minidpo sft          supervised fine-tuning (tokenizer first if needed)
     minidpo sample       print samples of a policy with their oracle reward
     minidpo score        the oracle reward of a given response, rule by rule
+    minidpo prefs        preference pairs sampled from SFT, labelled by Bradley-Terry on r*
+    minidpo dpo          DPO (or a member of its loss family) on the pairs
+    minidpo eval         oracle reward, KL to the reference and win rate of a policy
+    minidpo gravity      the seed card's "Explain gravity." worked example, number by number
     minidpo demo         the main job on its default preset (what `make demo` runs)
 
 Bad input (an unknown flag or preset, a missing or corrupt file) prints one line
@@ -18,7 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from minidpo.config import (
+    DPOConfig,
+    EvalConfig,
     ModelConfig,
+    PrefsConfig,
     RunConfig,
     SampleConfig,
     SFTConfig,
@@ -27,6 +34,8 @@ from minidpo.config import (
     resolve,
 )
 from minidpo.errors import MinidpoError
+from minidpo.sft import run_dir
+from minidpo.training import resolve_device
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,11 +51,12 @@ def _run(args: argparse.Namespace) -> RunConfig:
 
 
 def _cfg(cls: type, group: str, args: argparse.Namespace):
-    return resolve(cls, group, args.preset or "cpu", args)
+    prefix = f"{group}_" if group in getattr(args, "prefixed", ()) else ""
+    return resolve(cls, group, args.preset or "cpu", args, prefix)
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from minidpo.sft import prepare_tokenizer, run_dir
+    from minidpo.sft import prepare_tokenizer
     from minidpo.world import load_world
 
     run = _run(args)
@@ -87,8 +97,6 @@ def _print_samples(samples, *, show_breakdown: bool = False) -> float:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from minidpo.policy import load_policy, sample_responses
-    from minidpo.sft import run_dir
-    from minidpo.training import resolve_device
     from minidpo.world import load_world
 
     run = _run(args)
@@ -121,11 +129,147 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft_path(run: RunConfig, args: argparse.Namespace) -> Path:
+    return Path(args.sft) if getattr(args, "sft", None) else run_dir(run) / "sft" / "checkpoint.pt"
+
+
+def _dpo_dir(run: RunConfig, cfg: DPOConfig) -> Path:
+    smooth = f"-eps{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+    return run_dir(run) / f"dpo-{cfg.loss}-beta{cfg.beta:g}{smooth}"
+
+
+def cmd_prefs(args: argparse.Namespace) -> int:
+    from minidpo.preferences import build_preferences
+
+    run = _run(args)
+    out = run_dir(run) / "prefs"
+    if (out / "summary.json").exists() and not run.force:
+        print(f"prefs: {out} exists (use --force to rebuild)")
+        return 0
+    s = build_preferences(
+        sft_path=_sft_path(run, args),
+        out_dir=out,
+        cfg=_cfg(PrefsConfig, "prefs", args),
+        seed=run.seed,
+        device=resolve_device(run.device),
+    )
+    print(
+        f"prefs: {s['train']['pairs']} train pairs, {s['eval']['pairs']} held-out pairs "
+        f"in {out} (labels agree with the oracle on {s['train']['label_agreement']:.1%})"
+    )
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from minidpo.dpo import run_dpo
+
+    run = _run(args)
+    cfg = _cfg(DPOConfig, "dpo", args)
+    prefs = run_dir(run) / "prefs"
+    train_pairs = Path(args.pairs) if args.pairs else prefs / "train.jsonl"
+    eval_pairs = Path(args.eval_pairs) if args.eval_pairs else prefs / "eval.jsonl"
+    out = _dpo_dir(run, cfg)
+    s = run_dpo(
+        sft_path=_sft_path(run, args),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs if eval_pairs.exists() or args.eval_pairs else None,
+        out_dir=out,
+        cfg=cfg,
+        seed=run.seed,
+        device=resolve_device(run.device),
+        force=run.force,
+    )
+    acc = s.get("eval/rewards/accuracies", s.get("train/rewards/accuracies"))
+    print(f"dpo: {out / 'checkpoint.pt'} (loss {s['train/loss']:.4f}, reward accuracy {acc:.1%})")
+    return 0
+
+
+def _evaluate(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
+    from minidpo.evaluate import evaluate_policy
+    from minidpo.policy import load_policy
+    from minidpo.world import load_world
+
+    device = resolve_device(run.device)
+    model, tok = load_policy(ckpt, device)
+    ref_model = load_policy(ref, device)[0] if ref is not None else None
+    return evaluate_policy(
+        model,
+        tok,
+        [p.text for p in load_world().prompts("eval")],
+        samples_per_prompt=cfg.samples_per_prompt,
+        seed=run.seed + 12345,
+        ref=ref_model,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minidpo.atomic import atomic_write_json
+
+    run = _run(args)
+    cfg = _cfg(EvalConfig, "eval", args)
+    sft = _sft_path(run, args)
+    ckpt = Path(args.checkpoint) if args.checkpoint else sft
+    ref = Path(args.ref) if args.ref else sft
+    same = ckpt.resolve() == ref.resolve()
+    result, _, _ = _evaluate(run, cfg, ckpt, None if same else ref)
+    out = Path(args.out) if args.out else ckpt.with_name("eval.json")
+    atomic_write_json(out, {"checkpoint": str(ckpt), "ref": str(ref), **result.to_dict()})
+    print(_eval_table({ckpt.parent.name: result}))
+    print(f"eval: {out}")
+    return 0
+
+
+def _eval_table(results: dict) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = [
+        f"{'policy':<28} {'oracle reward':>16} {'KL(pi||ref)':>12} {'win vs SFT':>10} "
+        f"{'length':>7} {'unparseable':>11}"
+    ]
+    for name, r in results.items():
+        reward = f"{r.reward_mean:+.3f} +- {r.reward_se:.3f}"
+        rows.append(
+            f"{name:<28} {reward:>16} {fmt(r.kl_mean, '.2f'):>12} "
+            f"{fmt(r.win_rate_vs_ref, '.1%'):>10} {r.mean_length:>7.1f} "
+            f"{r.unparseable_rate:>11.1%}"
+        )
+    return "\n".join(rows)
+
+
+def cmd_gravity(args: argparse.Namespace) -> int:
+    from minidpo.gravity import compute, load_example, render
+
+    print(render(compute(load_example(args.example))))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Tokenizer + SFT on the preset, then a few samples with their oracle reward."""
+    """SFT, preference pairs, DPO at the preset's beta, then SFT vs DPO side by side."""
+    from minidpo.atomic import atomic_write_json
+
+    args.pairs = args.eval_pairs = None
     cmd_sft(args)
-    args.n = args.n or 6
-    return cmd_sample(args)
+    cmd_prefs(args)
+    cmd_dpo(args)
+    run = _run(args)
+    cfg = _cfg(EvalConfig, "eval", args)
+    sft = _sft_path(run, args)
+    dpo = _dpo_dir(run, _cfg(DPOConfig, "dpo", args)) / "checkpoint.pt"
+    sft_result, sft_samples, sft_rewards = _evaluate(run, cfg, sft, None)
+    dpo_result, dpo_samples, dpo_rewards = _evaluate(run, cfg, dpo, sft)
+    results = {"SFT": sft_result, dpo.parent.name: dpo_result}
+    atomic_write_json(run_dir(run) / "demo.json", {k: v.to_dict() for k, v in results.items()})
+    print("\nheld-out prompts, oracle reward (mean +- standard error):")
+    print(_eval_table(results))
+    print("\nsame prompt, same seed: SFT vs DPO")
+    for i in range(0, min(len(sft_samples), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
+        print(f"{sft_samples[i].prompt}")
+        print(f"  SFT [{sft_rewards[i]:+.2f}] {sft_samples[i].response}")
+        print(f"  DPO [{dpo_rewards[i]:+.2f}] {dpo_samples[i].response}")
+    return 0
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -134,6 +278,7 @@ STAGE_GROUPS = [
     (ModelConfig, "model"),
     (SFTConfig, "sft"),
 ]
+SFT_HELP = "SFT checkpoint (default: the run's runs/<name>/sft/checkpoint.pt)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,12 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"minidpo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def add(name: str, handler: Handler, help: str, groups: list) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Handler, help: str, groups: list, prefixed: tuple = ()
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         add_dataclass_args(p, RunConfig, "run")
         for cls, group in groups:
-            add_dataclass_args(p, cls, group)
-        p.set_defaults(handler=handler)
+            add_dataclass_args(p, cls, group, f"{group}_" if group in prefixed else "")
+        p.set_defaults(handler=handler, prefixed=prefixed)
         return p
 
     add("tokenizer", cmd_tokenizer, "train the BPE tokenizer on the world's corpus",
@@ -160,9 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", cmd_sample, "print policy samples with their oracle reward",
             [(SampleConfig, "sample")])  # fmt: skip
     p.add_argument("--checkpoint", help="policy checkpoint (default: the run's SFT checkpoint)")
-    p = add("demo", cmd_demo, "the main job on its default preset",
-            [*STAGE_GROUPS, (SampleConfig, "sample")])  # fmt: skip
-    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p = add("prefs", cmd_prefs, "preference pairs from SFT samples, Bradley-Terry labels",
+            [(PrefsConfig, "prefs")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p = add("dpo", cmd_dpo, "train a policy with DPO (or IPO, cDPO, hinge, robust DPO)",
+            [(DPOConfig, "dpo")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p.add_argument("--pairs", help="training pairs, TRL-form JSONL (default: the run's prefs)")
+    p.add_argument("--eval-pairs", help="held-out pairs, TRL-form JSONL (default: the run's)")
+    p = add("eval", cmd_eval, "evaluate a policy on the held-out prompts", [(EvalConfig, "eval")])
+    p.add_argument("--checkpoint", help="policy to evaluate (default: the run's SFT)")
+    p.add_argument("--sft", help=SFT_HELP)
+    p.add_argument("--ref", help="reference policy for KL and win rate (default: the SFT)")
+    p.add_argument("--out", help="JSON output (default: eval.json beside the checkpoint)")
+    p = sub.add_parser("gravity", help="the seed card's worked example, number by number")
+    p.add_argument("--example", help="example JSON (default: data/gravity_example.json)")
+    p.set_defaults(handler=cmd_gravity, preset=None)
+    p = add("demo", cmd_demo, "the main job: SFT, pairs, DPO, then SFT vs DPO side by side",
+            [*STAGE_GROUPS, (PrefsConfig, "prefs"), (DPOConfig, "dpo"), (EvalConfig, "eval")],
+            prefixed=("sft", "prefs", "dpo", "eval"))  # fmt: skip
     p = sub.add_parser("score", help="the oracle reward of a response, rule by rule")
     p.add_argument("prompt", help='e.g. "Explain gravity."')
     p.add_argument("response", help="the response text")

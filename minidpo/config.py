@@ -51,9 +51,9 @@ class TokenizerConfig:
 class ModelConfig:
     """Size of the tiny GPT (the vocabulary size comes from the tokenizer)."""
 
-    n_layer: int = _f(4, "transformer blocks")
+    n_layer: int = _f(3, "transformer blocks")
     n_head: int = _f(4, "attention heads per block")
-    n_embd: int = _f(128, "residual stream width")
+    n_embd: int = _f(96, "residual stream width")
     block_size: int = _f(128, "context length in tokens (prompt + response + end-of-text)")
     dropout: float = _f(0.0, "dropout probability (0: the toy world needs none)")
 
@@ -62,7 +62,7 @@ class ModelConfig:
 class SFTConfig:
     """Supervised fine-tuning on demonstrations."""
 
-    steps: int = _f(600, "optimizer steps")
+    steps: int = _f(500, "optimizer steps")
     batch_size: int = _f(32, "sequences per step")
     lr: float = _f(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
@@ -158,21 +158,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, group: str, prefix: str = ""
+) -> None:
     """Add one flag per field of dataclass `cls`; defaults are left unset so `resolve` can
-    tell what the user typed from what a preset or the dataclass supplies."""
+    tell what the user typed from what a preset or the dataclass supplies. A command that
+    runs several stages prefixes their flags (``prefix="dpo_"``: ``--dpo-steps``)."""
     g = parser.add_argument_group(group, cls.__doc__)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        name = prefix + f.name
+        flag = "--" + name.replace("_", "-")
         help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
         if f.type in (bool, "bool"):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            g.add_argument(flag, dest=f.name, type=typ, help=help_, metavar=f.name.upper())
+            g.add_argument(flag, dest=name, type=typ, help=help_, metavar=f.name.upper())
 
 
-def resolve(cls: type[T], group: str, preset: str, args: argparse.Namespace | None) -> T:
+def resolve(
+    cls: type[T], group: str, preset: str, args: argparse.Namespace | None, prefix: str = ""
+) -> T:
     """Dataclass default <- preset[group] <- flags the user typed."""
     if preset not in PRESETS:
         raise MinidpoError(
@@ -181,7 +187,7 @@ def resolve(cls: type[T], group: str, preset: str, args: argparse.Namespace | No
     values = dict(PRESETS[preset].get(group, {}))
     if args is not None:
         for f in fields(cls):
-            v = getattr(args, f.name, None)
+            v = getattr(args, prefix + f.name, None)
             if v is not None:
                 values[f.name] = v
     return cls(**values)

@@ -22,6 +22,7 @@ normalisation, padding-free packing.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ from minidpo.batching import Batch
 from minidpo.config import DPOConfig, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.logprobs import concatenated_batch, concatenated_logprobs
-from minidpo.losses import LOSS_TYPES, preference_loss
+from minidpo.losses import check_loss_args, preference_loss
 from minidpo.policy import build_policy
 from minidpo.preferences import PreferencePair, load_pairs
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, load_checkpoint, train
+from minidpo.training import LoopConfig, load_checkpoint, stage_status, train
 from minidpo.world import format_prompt
 
 
@@ -174,14 +175,23 @@ def run_dpo(
     device: torch.device,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train a DPO policy from the SFT checkpoint; returns the final metrics summary."""
-    if cfg.loss not in LOSS_TYPES:
-        raise MinidpoError(
-            f"--loss: unknown loss {cfg.loss!r} (choose from {', '.join(LOSS_TYPES)})"
-        )
-    if cfg.beta <= 0:
-        raise MinidpoError(f"--beta: must be > 0, got {cfg.beta}")
+    """Train a DPO policy from the SFT checkpoint; returns the final metrics summary.
+
+    Skipped when `out_dir` holds a finished run of the same configuration, SFT
+    checkpoint and pairs; an unfinished one is resumed.
+    """
+    check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing)
+    stage_config = {
+        "dpo": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "seed": seed,
+        "sft_sha256": file_sha256(sft_path),
+        "pairs_sha256": file_sha256(train_pairs),
+    }
+    status = stage_status(out_dir / "checkpoint.pt", stage_config, force=force)
+    if status == "done" and (out_dir / "summary.json").exists():
+        return json.loads((out_dir / "summary.json").read_text())
     sft = load_checkpoint(sft_path, kind="policy")
     policy, tok = build_policy(sft)
     policy = policy.to(device)
@@ -218,7 +228,7 @@ def run_dpo(
         grad_clip=cfg.grad_clip,
         eval_every=cfg.eval_every,
         ckpt_every=cfg.ckpt_every,
-        resume=cfg.resume,
+        resume=cfg.resume or status == "resume",
         desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]",
     )
     t0 = time.perf_counter()
@@ -234,12 +244,13 @@ def run_dpo(
             "stage": "dpo",
             "model_config": sft["model_config"],
             "tokenizer": tok.to_dict(),
-            "stage_config": {"dpo": to_dict(cfg), "seed": seed, "sft": str(sft_path)},
+            "stage_config": stage_config,
         },
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
     )
     summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_data)}
-    atomic_write_json(out_dir / "summary.json", summary)
+    if stop_after is None:
+        atomic_write_json(out_dir / "summary.json", summary)
     return summary

@@ -54,11 +54,13 @@ class PreferenceLoss(NamedTuple):
 def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
     """Raise MinidpoError unless beta > 0, loss_type is known and 0 <= eps < 0.5."""
     if not beta > 0:
-        raise MinidpoError(f"beta must be > 0, got {beta!r}")
+        raise MinidpoError(f"--beta: beta must be > 0, got {beta!r}")
     if loss_type not in LOSS_TYPES:
-        raise MinidpoError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+        raise MinidpoError(f"--loss: unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if not 0.0 <= label_smoothing < 0.5:
-        raise MinidpoError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+        raise MinidpoError(
+            f"--label-smoothing: label_smoothing must be in [0, 0.5), got {label_smoothing!r}"
+        )
 
 
 def preference_loss(

@@ -25,12 +25,14 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from minidpo.atomic import atomic_write_jsonl
+from minidpo.atomic import atomic_write_json, atomic_write_jsonl
+from minidpo.config import PrefsConfig
 from minidpo.errors import MinidpoError
 from minidpo.oracle import oracle_reward
 from minidpo.policy import Sample
@@ -84,7 +86,10 @@ def label_pairs(
         candidates = [
             (a, b)
             for a, b in itertools.combinations(idx, 2)
-            if samples[a].response != samples[b].response and rewards[a] != rewards[b]
+            if samples[a].response != samples[b].response
+            and rewards[a] != rewards[b]
+            and samples[a].response.strip()
+            and samples[b].response.strip()
         ]
         if max_pairs_per_prompt is not None and len(candidates) > max_pairs_per_prompt:
             keep = rng.choice(len(candidates), size=max_pairs_per_prompt, replace=False)
@@ -171,3 +176,51 @@ def load_pairs(path: str | Path, *, warn: bool = True) -> tuple[list[PreferenceP
 
 def _opt_float(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def build_preferences(
+    *,
+    sft_path: Path,
+    out_dir: Path,
+    cfg: PrefsConfig,
+    seed: int,
+    device: torch.device,
+) -> dict:
+    """Sample from the SFT policy and write train.jsonl (training prompts) and eval.jsonl
+    (held-out prompts) under `out_dir`; returns a summary (pair counts, label noise)."""
+    from minidpo.policy import load_policy, sample_responses
+    from minidpo.world import load_world
+
+    model, tok = load_policy(sft_path, device)
+    world = load_world()
+    summary: dict = {"config": asdict(cfg), "seed": seed}
+    for k, split in enumerate(("train", "eval")):
+        prompts = [p.text for p in world.prompts(split) for _ in range(cfg.samples_per_prompt)]
+        samples = sample_responses(
+            model,
+            tok,
+            prompts,
+            seed=seed * 1000 + 17 + k,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        rewards = score_samples(samples)
+        pairs = label_pairs(
+            samples,
+            rewards,
+            tau=cfg.tau,
+            rng=np.random.default_rng([seed, 4, k]),
+            max_pairs_per_prompt=cfg.max_pairs_per_prompt,
+        )
+        if not pairs:
+            raise MinidpoError(f"{sft_path}: the SFT samples gave no preference pairs ({split})")
+        save_pairs(out_dir / f"{split}.jsonl", pairs)
+        summary[split] = {
+            "pairs": len(pairs),
+            "samples": len(samples),
+            "sample_reward_mean": float(np.mean(rewards)),
+            # share of pairs whose label agrees with the oracle (1.0 when tau = 0)
+            "label_agreement": float(np.mean([p.score_chosen > p.score_rejected for p in pairs])),
+        }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary

@@ -30,7 +30,7 @@ from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, t
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig
 from minidpo.tokenizer import Tokenizer, train_bpe
-from minidpo.training import LoopConfig, load_checkpoint, resolve_device, train
+from minidpo.training import LoopConfig, resolve_device, stage_status, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
 
 
@@ -87,16 +87,10 @@ def run_sft(
         "sft": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
         "seed": run.seed,
     }
-    if ckpt_path.exists() and not run.force:
-        ckpt = load_checkpoint(ckpt_path, kind="policy")
-        if ckpt.get("stage_config") != stage_config:
-            raise MinidpoError(
-                f"{ckpt_path}: exists with another configuration; "
-                "use --force to retrain or --name for a new run"
-            )
-        if ckpt.get("done"):
-            return load_summary(out)
-        cfg.resume = True  # an unfinished run with the same config: continue it
+    status = stage_status(ckpt_path, stage_config, force=run.force)
+    if status == "done":
+        return load_summary(out)
+    cfg.resume = cfg.resume or status == "resume"  # an unfinished run: continue it
 
     device = resolve_device(run.device)
     world = load_world()

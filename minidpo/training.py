@@ -247,3 +247,21 @@ def train(
     last["wall_s"] = time.perf_counter() - t0
     last["tokens_per_s"] = tokens / max(last["wall_s"], 1e-9)
     return last
+
+
+def stage_status(ckpt_path: str | Path, stage_config: dict[str, Any], *, force: bool) -> str:
+    """Whether a checkpointed stage is to be run "fresh", "resume"d, or is already "done".
+
+    A checkpoint written with another configuration is refused (one clear error)
+    rather than silently overwritten; ``force`` starts afresh regardless.
+    """
+    ckpt_path = Path(ckpt_path)
+    if force or not ckpt_path.exists():
+        return "fresh"
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("stage_config") != stage_config:
+        raise MinidpoError(
+            f"{ckpt_path}: exists with another configuration; "
+            "use --force to retrain or --name for a new run"
+        )
+    return "done" if ckpt.get("done") else "resume"

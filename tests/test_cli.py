@@ -46,7 +46,9 @@ def test_unknown_preset(tmp_path, capsys):
 
 
 def test_missing_checkpoint(tmp_path, capsys):
-    assert main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert (
+        main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    )
     (line,) = _err_lines(capsys)
     assert f"{tmp_path / 'x.pt'}: checkpoint not found" in line
 

@@ -106,3 +106,9 @@ def test_missing_and_empty_files(tmp_path):
     empty.write_text("")
     with pytest.raises(MinidpoError, match="no usable preference pairs"):
         load_pairs(empty)
+
+
+def test_empty_responses_never_make_a_pair():
+    samples = [_s("p", ""), _s("p", "x"), _s("p", "  "), _s("p", "y")]
+    pairs = label_pairs(samples, [-1.0, 1.0, -1.0, 0.0], tau=0.0, rng=np.random.default_rng(0))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("x", "y")]

@@ -1,0 +1,528 @@
+"""The PPO trainer: stage 3 of RLHF, a policy trained against a reward with a KL leash.
+
+The policy starts from the SFT checkpoint; the frozen SFT is also the reference
+pi_ref. Each iteration (as in lm-human-preferences, Ziegler et al. 2019, and TRL's
+PPO trainer):
+
+1. rollout: `rollout_batch` training prompts, one response each, sampled from the
+   policy at `temperature` (`minidpo.policy.sample_responses`);
+2. log-probs of the sampled ids under the policy and the reference, both from
+   ``logits / temperature`` (the distribution that was sampled), and the values;
+3. scoring: ``score_fn(samples) -> (B,)`` (the reward model for RLHF, the oracle for
+   PPO-GT); a response that never emitted end-of-text loses `missing_eot_penalty`;
+4. per-token rewards -beta (log pi - log pi_ref), plus the score at the last token;
+   GAE advantages and returns; advantages whitened (`minidpo.ppo_math`);
+5. `ppo_epochs` passes over shuffled minibatches: clipped surrogate (PPO Eq. 7) +
+   `vf_coef` x clipped value loss, one Adam step per minibatch (eps 1e-5, gradient
+   norm clipped), policy and value model in one optimizer, as TRL;
+6. optionally, the adaptive KL controller moves beta towards `kl_target`.
+
+The value model is a `ScalarHeadModel`: initialised from the reward model's weights
+when `value_init` is given (as lm-human-preferences and TRL do), else the SFT body
+with a fresh head. Dropout stays off throughout (every model in eval mode), so the
+log-probs of rollout and update agree (a point of "The N Implementation Details of
+RLHF with PPO", Huang et al. 2024).
+
+Metrics (``metrics.jsonl``, one row per iteration, TRL's names): objective/kl (mean
+sequence KL of the rollouts), objective/scores, objective/non_score_reward,
+objective/rlhf_reward, objective/entropy, objective/kl_coef, objective/oracle (the
+oracle reward of the same rollouts: with a reward model, the gap to
+objective/scores shows reward over-optimisation), policy/approxkl_avg,
+policy/clipfrac_avg, loss/policy_avg, loss/value_avg, val/explained_variance,
+val/clipfrac_avg, time/rollout, time/scoring, time/update (seconds), and every
+`eval_every` iterations (and at step 0, before any update) eval/oracle and eval/kl
+on the held-out prompts at temperature 1.
+
+Left out: separate policy/value learning rates, learning-rate annealing, reward
+clipping, value normalisation, early stopping on approxkl, gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from minidpo.atomic import atomic_write_json
+from minidpo.batching import build_batch, token_logprobs
+from minidpo.config import _f, to_dict
+from minidpo.errors import MinidpoError
+from minidpo.evaluate import sample_logprobs
+from minidpo.model import GPT, ScalarHeadModel
+from minidpo.oracle import oracle_reward
+from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
+from minidpo.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    explained_variance,
+    kl_penalized_rewards,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from minidpo.tokenizer import Tokenizer
+from minidpo.training import (
+    MetricsLog,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    stage_status,
+)
+from minidpo.world import load_world
+
+ScoreFn = Callable[[list[Sample]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    """PPO against a reward (the reward model, or the oracle for PPO-GT)."""
+
+    iterations: int = _f(30, "PPO iterations (rollout, score, update)")
+    rollout_batch: int = _f(64, "prompts per iteration, one response each")
+    minibatch_size: int = _f(16, "responses per optimizer step")
+    ppo_epochs: int = _f(4, "passes over each rollout batch")
+    lr: float = _f(1e-4, "Adam learning rate of policy and value model (constant)")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    kl_coef: float = _f(0.05, "beta: per-token KL penalty coefficient (initial one if adaptive)")
+    adaptive_kl: bool = _f(False, "steer beta towards --kl-target (Ziegler et al. 2019)")
+    kl_target: float = _f(6.0, "target sequence KL (nats) of the adaptive controller")
+    kl_horizon: int = _f(10000, "adaptive controller horizon, in samples")
+    gamma: float = _f(1.0, "discount (1: the score at the end counts fully for every token)")
+    lam: float = _f(0.95, "GAE lambda (bias-variance trade-off of the advantages)")
+    clip_range: float = _f(0.2, "PPO ratio clip epsilon (Eq. 7)")
+    clip_range_value: float = _f(0.2, "value clip: how far a value may move from its rollout value")
+    vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
+    temperature: float = _f(1.0, "rollout sampling temperature (log-probs use logits / T)")
+    max_new_tokens: int = _f(64, "longest response in tokens")
+    missing_eot_penalty: float = _f(
+        1.0, "subtracted from the score of a response without end-of-text"
+    )
+    whiten_rewards: bool = _f(False, "rescale per-token rewards to unit variance before GAE")
+    eval_every: int = _f(10, "held-out oracle reward and KL every N iterations (and at 0)")
+    eval_samples_per_prompt: int = _f(2, "samples per held-out prompt at each evaluation")
+    ckpt_every: int = _f(10, "checkpoint every N iterations")
+
+    def validate(self) -> None:
+        """Raise MinidpoError naming the flag of the first bad value."""
+        if not self.kl_coef > 0:
+            raise MinidpoError(f"--kl-coef: must be > 0, got {self.kl_coef}")
+        positive_ints = (
+            "iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens",
+            "eval_every", "eval_samples_per_prompt", "ckpt_every", "kl_horizon",
+        )  # fmt: skip
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
+        for name in ("lr", "clip_range", "clip_range_value", "temperature", "kl_target"):
+            if not getattr(self, name) > 0:
+                raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0")
+        if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise MinidpoError(f"--gamma/--lam: must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.minibatch_size > self.rollout_batch:
+            raise MinidpoError(
+                f"--minibatch-size {self.minibatch_size} exceeds --rollout-batch "
+                f"{self.rollout_batch}"
+            )
+
+
+def oracle_scores(samples: Sequence[Sample]) -> torch.Tensor:
+    """The oracle reward r* of each sample (unterminated ones penalised by r*): (B,)."""
+    world = load_world()
+    return torch.tensor(
+        [
+            oracle_reward(s.prompt, s.response, terminated=s.terminated, world=world)
+            for s in samples
+        ],
+        dtype=torch.float32,
+    )
+
+
+@dataclass
+class Rollout:
+    """One iteration's batch: (B, T) tensors in the right-padded layout of `build_batch`."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long, the sampled ids at response positions
+    mask: torch.Tensor  # (B, T) float, 1 on response tokens
+    logprobs: torch.Tensor  # (B, T) policy log-probs at rollout time (temperature T)
+    values: torch.Tensor  # (B, T) value estimates at rollout time
+    advantages: torch.Tensor  # (B, T) whitened GAE
+    returns: torch.Tensor  # (B, T) value targets
+
+
+def tempered_logprobs(
+    model: GPT, input_ids: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_T(label_t) from logits / temperature, and the token entropy: (B, T) each."""
+    logits = model(input_ids).float() / temperature  # (B, T, V)
+    logp = token_logprobs(logits, labels)  # (B, T)
+    with torch.no_grad():
+        full = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+        entropy = -(full.exp() * full).sum(-1)  # (B, T)
+    return logp, entropy
+
+
+def make_value_model(
+    policy: GPT, value_init: dict[str, torch.Tensor] | None, seed: int
+) -> ScalarHeadModel:
+    """A value model: the reward model's weights when given, else the SFT body + a new head."""
+    gen = torch.Generator().manual_seed(int(seed))
+    body = copy.deepcopy(policy).cpu()
+    value = ScalarHeadModel(body, generator=gen)
+    if value_init is not None:
+        try:
+            value.load_state_dict(value_init)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0][:160]
+            raise MinidpoError(
+                f"value_init: the reward model does not match the policy's shape ({first})"
+            ) from None
+    return value.to(policy.device)
+
+
+def state_digest(state: dict[str, torch.Tensor] | None) -> str | None:
+    """A SHA-256 of a state_dict's names and values (None for None), to key a run on it."""
+    if state is None:
+        return None
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def evaluate(
+    policy: GPT,
+    ref: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    samples_per_prompt: int,
+    seed: int,
+    max_new_tokens: int,
+) -> dict[str, float]:
+    """Held-out oracle reward and KL(pi || pi_ref) (mean sequence log-ratio) at temperature 1.
+
+    The same `seed` at every evaluation, so successive numbers differ by the policy,
+    not by the draw.
+    """
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    samples = sample_responses(
+        policy, tok, expanded, seed=seed, temperature=1.0, max_new_tokens=max_new_tokens
+    )
+    rewards = oracle_scores(samples)
+    log_ratio = sample_logprobs(policy, tok, samples) - sample_logprobs(ref, tok, samples)
+    return {
+        "eval/oracle": float(rewards.mean()),
+        "eval/kl": float(log_ratio.mean()),
+        "eval/unterminated": float(np.mean([not s.terminated for s in samples])),
+        "eval/length": float(np.mean([len(s.response_ids) for s in samples])),
+    }
+
+
+def run_ppo(
+    *,
+    sft_path: str | Path,
+    out_dir: str | Path,
+    cfg: PPOConfig,
+    score_fn: ScoreFn,
+    seed: int,
+    device: torch.device | str = "cpu",
+    value_init: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Train a policy with PPO from the SFT checkpoint at `sft_path`; returns a summary.
+
+    Writes ``checkpoint.pt`` (kind "policy", loadable by `minidpo.policy.load_policy`;
+    it also holds the value model, the optimizer and beta, for resuming),
+    ``metrics.jsonl`` and ``summary.json`` into `out_dir`. A finished run of the same
+    configuration is skipped, an unfinished one resumed from its last checkpoint (the
+    iteration's prompts, samples and minibatch order depend on (seed, iteration) only,
+    so a resumed run ends with the weights of an uninterrupted one); another
+    configuration is refused unless `force`. `stop_after` ends the call after that many
+    iterations, as if killed. `score_fn` is not part of the key: use one out_dir per reward.
+    """
+    cfg.validate()
+    out_dir, device = Path(out_dir), torch.device(device)
+    ckpt_path = out_dir / "checkpoint.pt"
+    stage_config = {
+        "ppo": to_dict(cfg),
+        "seed": seed,
+        "sft_sha256": file_digest(sft_path),
+        "value_init_sha256": state_digest(value_init),
+    }
+    status = stage_status(ckpt_path, stage_config, force=force)
+    if status == "done" and (out_dir / "summary.json").exists():
+        return json.loads((out_dir / "summary.json").read_text())
+
+    sft = load_checkpoint(sft_path, kind="policy")
+    policy, tok = build_policy(sft)
+    policy = policy.to(device)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    value_model = make_value_model(policy, value_init, seed)
+    params = [*policy.parameters(), *value_model.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: N details, Sec. 2
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else FixedKLController(cfg.kl_coef)
+    )
+    start = 0
+    if status in ("resume", "done"):  # "done" without a summary: rebuild the summary
+        ckpt = load_checkpoint(ckpt_path, kind="policy")
+        policy.load_state_dict(ckpt["model"])
+        value_model.load_state_dict(ckpt["value_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        kl_ctl.value = float(ckpt["kl_coef"])
+        start = int(ckpt["step"])
+    for m in (policy, ref, value_model):
+        m.eval()  # dropout off: rollout and update see the same distribution
+
+    world = load_world()
+    train_prompts = [p.text for p in world.prompts("train")]
+    eval_prompts = [p.text for p in world.prompts("eval")]
+    block = policy.config.block_size
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start)
+    eval_seed = int(np.random.SeedSequence([seed, 7]).generate_state(1)[0])
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(
+            policy, ref, tok, eval_prompts, samples_per_prompt=cfg.eval_samples_per_prompt,
+            seed=eval_seed, max_new_tokens=cfg.max_new_tokens,
+        )  # fmt: skip
+
+    def checkpoint(step: int, done: bool) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "kind": "policy",
+                "stage": "ppo",
+                "model_config": sft["model_config"],
+                "tokenizer": tok.to_dict(),
+                "model": policy.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "done": done,
+                "stage_config": stage_config,
+                "value_model": value_model.state_dict(),
+                "kl_coef": kl_ctl.value,
+            },
+        )
+
+    if start == 0:
+        log.log({"step": 0, **run_eval()})
+    t_run = time.perf_counter()
+    bar = tqdm(range(start, cfg.iterations), desc="ppo", disable=not progress, leave=False)
+    reached = start
+    for it in bar:
+        row = ppo_iteration(
+            it, policy=policy, ref=ref, value_model=value_model, optimizer=optimizer,
+            kl_ctl=kl_ctl, tok=tok, prompts=train_prompts, block=block, cfg=cfg,
+            score_fn=score_fn, seed=seed, device=device,
+        )  # fmt: skip
+        done_iters = reached = it + 1
+        if done_iters % cfg.eval_every == 0 or done_iters == cfg.iterations:
+            t0 = time.perf_counter()
+            row.update(run_eval())
+            row["time/eval"] = time.perf_counter() - t0
+        log.log(row)
+        bar.set_postfix(
+            score=f"{row['objective/scores']:+.2f}", kl=f"{row['objective/kl']:.2f}",
+            oracle=f"{row['objective/oracle']:+.2f}",
+        )  # fmt: skip
+        if done_iters == cfg.iterations:
+            checkpoint(done_iters, done=True)
+        elif done_iters % cfg.ckpt_every == 0:
+            checkpoint(done_iters, done=False)
+        if stop_after is not None and done_iters - start >= stop_after:
+            if done_iters < cfg.iterations:
+                checkpoint(done_iters, done=False)
+            break
+    bar.close()
+    wall = time.perf_counter() - t_run
+
+    rows = read_metrics(out_dir / "metrics.jsonl")
+    iters = [r for r in rows if r["step"] > 0]
+    evals = [r for r in rows if "eval/oracle" in r]
+    summary = {
+        "iterations": cfg.iterations,
+        "done_iterations": reached,
+        "eval_oracle_start": evals[0]["eval/oracle"] if evals else None,
+        "eval_kl_start": evals[0]["eval/kl"] if evals else None,
+        "eval_oracle": evals[-1]["eval/oracle"] if evals else None,
+        "eval_kl": evals[-1]["eval/kl"] if evals else None,
+        "rollout_oracle": iters[-1]["objective/oracle"] if iters else None,
+        "rollout_scores": iters[-1]["objective/scores"] if iters else None,
+        "rollout_kl": iters[-1]["objective/kl"] if iters else None,
+        "kl_coef": kl_ctl.value,
+        "wall_s": wall,
+        "time_per_iteration": {
+            k: float(np.mean([r[k] for r in iters])) if iters else None
+            for k in ("time/rollout", "time/scoring", "time/update")
+        },
+        "device": str(device),
+    }
+    if reached == cfg.iterations:
+        atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def ppo_iteration(
+    it: int,
+    *,
+    policy: GPT,
+    ref: GPT,
+    value_model: ScalarHeadModel,
+    optimizer: torch.optim.Optimizer,
+    kl_ctl: AdaptiveKLController | FixedKLController,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    block: int,
+    cfg: PPOConfig,
+    score_fn: ScoreFn,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One PPO iteration (rollout, scoring, update); returns its metrics row (step it + 1)."""
+    # --- rollout: prompts and sampling seeds depend on (seed, it) only
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([seed, 3, it])
+    B = cfg.rollout_batch
+    chosen = [prompts[i] for i in rng.choice(len(prompts), size=B, replace=B > len(prompts))]
+    sample_seed = int(np.random.SeedSequence([seed, 4, it]).generate_state(1)[0])
+    samples = sample_responses(
+        policy, tok, chosen, seed=sample_seed, temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+    )  # fmt: skip
+    prompt_ids = [encode_prompt(tok, p, block, cfg.max_new_tokens) for p in chosen]
+    batch = build_batch(prompt_ids, [s.response_ids for s in samples], pad_id=tok.eot_id)
+    batch = batch.to(device)
+    mask = batch.mask  # (B, T)
+    with torch.no_grad():
+        logprobs, entropy = tempered_logprobs(
+            policy, batch.input_ids, batch.labels, cfg.temperature
+        )
+        ref_logprobs, _ = tempered_logprobs(ref, batch.input_ids, batch.labels, cfg.temperature)
+        values = value_model(batch.input_ids).float() * mask  # (B, T)
+    t_rollout = time.perf_counter() - t0
+
+    # --- scoring
+    t0 = time.perf_counter()
+    scores = torch.as_tensor(score_fn(samples), dtype=torch.float32).detach().cpu()
+    if scores.shape != (B,):
+        raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({B},)")
+    unterminated = torch.tensor([not s.terminated for s in samples])
+    scores = scores - cfg.missing_eot_penalty * unterminated.float()  # lm-human-preferences
+    oracle = oracle_scores(samples)
+    scores = scores.to(device)
+    t_scoring = time.perf_counter() - t0
+
+    # --- update
+    t0 = time.perf_counter()
+    beta = kl_ctl.value
+    with torch.no_grad():
+        kl = (logprobs - ref_logprobs) * mask  # (B, T) per-token log-ratio
+        rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, beta)  # (B, T)
+        if cfg.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)  # (B, T), 0 outside the response
+    roll = Rollout(batch.input_ids, batch.labels, mask, logprobs, values, advantages, returns)
+    stats = update(policy, value_model, optimizer, roll, cfg, seed=seed, it=it)
+    seq_kl = kl.sum(1)  # (B,) sequence log-ratio
+    mean_kl = float(seq_kl.mean())
+    kl_ctl.update(mean_kl, B)  # after the update, as lm-human-preferences
+    t_update = time.perf_counter() - t0
+
+    non_score = float((-beta * kl).sum(1).mean())
+    return {
+        "step": it + 1,
+        "objective/kl": mean_kl,
+        "objective/scores": float(scores.mean()),
+        "objective/non_score_reward": non_score,
+        "objective/rlhf_reward": float(scores.mean()) + non_score,
+        "objective/entropy": float((entropy * mask).sum(1).mean()),
+        "objective/kl_coef": beta,
+        "objective/oracle": float(oracle.mean()),
+        "objective/unterminated": float(unterminated.float().mean()),
+        "objective/length": float(mask.sum(1).mean()),
+        **stats,
+        "val/explained_variance": explained_variance(values, returns, mask),
+        "time/rollout": t_rollout,
+        "time/scoring": t_scoring,
+        "time/update": t_update,
+    }
+
+
+def update(
+    policy: GPT,
+    value_model: ScalarHeadModel,
+    optimizer: torch.optim.Optimizer,
+    roll: Rollout,
+    cfg: PPOConfig,
+    *,
+    seed: int,
+    it: int,
+) -> dict[str, float]:
+    """`ppo_epochs` passes of shuffled minibatches; returns the averaged PPO statistics."""
+    B = roll.input_ids.size(0)
+    rng = np.random.default_rng([seed, 5, it])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    acc: dict[str, list[float]] = {
+        k: [] for k in ("approxkl", "clipfrac", "pg", "vf", "vf_clipfrac", "ratio")
+    }
+    for _ in range(cfg.ppo_epochs):
+        order = rng.permutation(B)
+        for s in range(0, B, cfg.minibatch_size):
+            idx = torch.as_tensor(order[s : s + cfg.minibatch_size], device=roll.input_ids.device)
+            ids, labels, mask = roll.input_ids[idx], roll.labels[idx], roll.mask[idx]
+            new_logp, _ = tempered_logprobs(policy, ids, labels, cfg.temperature)  # (b, T)
+            new_values = value_model(ids).float()  # (b, T)
+            pg, clipfrac, approxkl = policy_loss(
+                new_logp, roll.logprobs[idx], roll.advantages[idx], mask, cfg.clip_range
+            )  # Eq. 7, arXiv 1707.06347
+            vf, vf_clipfrac = value_loss(
+                new_values, roll.values[idx], roll.returns[idx], mask, cfg.clip_range_value
+            )
+            loss = pg + cfg.vf_coef * vf
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                ratio = masked_mean(torch.exp(new_logp - roll.logprobs[idx]), mask)
+            for k, v in zip(acc, (approxkl, clipfrac, pg, vf, vf_clipfrac, ratio), strict=True):
+                acc[k].append(float(v))
+    mean = {k: float(np.mean(v)) for k, v in acc.items()}
+    return {
+        "policy/approxkl_avg": mean["approxkl"],
+        "policy/clipfrac_avg": mean["clipfrac"],
+        "loss/policy_avg": mean["pg"],
+        "loss/value_avg": mean["vf"],
+        "val/clipfrac_avg": mean["vf_clipfrac"],
+        "val/ratio": mean["ratio"],
+    }
