@@ -82,3 +82,36 @@ def test_tiny_sft_then_sample(tmp_path, capsys):
     assert main(["sample", *common, "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and "mean oracle reward over 3 samples" in out
+
+
+def test_gravity_prints_the_worked_example(capsys):
+    assert main(["gravity"]) == 0
+    out = capsys.readouterr().out
+    for number in ("+1.8000", "-1.3000", "0.3100", "0.5769", "0.5501", "0.0423", "0.549"):
+        assert number in out, number
+
+
+def test_dpo_with_malformed_pairs_file(tmp_path, capsys, tiny_sft):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "Explain gravity.", "chosen": "x", "rejected": "y"}\n{oops\n')
+    rc = main(["dpo", "--preset", "tiny", "--runs-dir", str(tmp_path), "--sft", str(tiny_sft),
+               "--pairs", str(bad)])  # fmt: skip
+    assert rc == 2
+    (line,) = _err_lines(capsys)
+    assert f"{bad}:2: not valid JSON" in line
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path, capsys):
+    common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu"]
+    assert main(["demo", *common]) == 0
+    out = capsys.readouterr().out
+    assert "SFT" in out and "dpo-sigmoid-beta0.1" in out and "win vs SFT" in out
+    run = tmp_path / "default"
+    for f in ("sft/checkpoint.pt", "prefs/train.jsonl", "prefs/eval.jsonl", "demo.json",
+              "dpo-sigmoid-beta0.1/checkpoint.pt", "dpo-sigmoid-beta0.1/metrics.jsonl"):  # fmt: skip
+        assert (run / f).exists(), f
+    assert (
+        main(["eval", *common, "--checkpoint", str(run / "dpo-sigmoid-beta0.1/checkpoint.pt")]) == 0
+    )
+    assert (run / "dpo-sigmoid-beta0.1" / "eval.json").exists()

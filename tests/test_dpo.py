@@ -1,0 +1,165 @@
+"""The DPO trainer on the tiny preset: metrics, the reference cache, resume, loss family."""
+
+import math
+
+import pytest
+import torch
+
+import minidpo.dpo as dpo_mod
+from minidpo.config import DPOConfig, resolve
+from minidpo.dpo import run_dpo
+from minidpo.errors import MinidpoError
+from minidpo.losses import LOSS_TYPES
+from minidpo.policy import load_policy
+from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.training import load_checkpoint, read_metrics
+from minidpo.world import load_world
+
+TRL_NAMES = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+
+def _pairs(split, n):
+    """Fact (chosen) vs wrong claim (rejected) for prompts of the world."""
+    world = load_world()
+    out = []
+    for i, p in enumerate(world.prompts(split)[:n]):
+        t = world.topics[p.topic]
+        out.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return save_pairs(d / "train.jsonl", _pairs("train", 24)), save_pairs(
+        d / "eval.jsonl", _pairs("eval", 8)
+    )
+
+
+def _cfg(**kw):
+    cfg = resolve(DPOConfig, "dpo", "tiny", None)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _run(tiny_sft, pair_files, out, **kw):
+    train, evals = pair_files
+    return run_dpo(
+        sft_path=tiny_sft,
+        train_pairs=train,
+        eval_pairs=evals,
+        out_dir=out,
+        cfg=_cfg(**kw),
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+        **{k: v for k, v in kw.items() if k in ("stop_after", "force")},
+    )
+
+
+def test_metrics_names_and_first_step_known_answer(tiny_sft, pair_files, tmp_path):
+    _run(tiny_sft, pair_files, tmp_path / "a")
+    rows = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert len(rows) == 10
+    for name in TRL_NAMES:
+        assert f"train/{name}" in rows[0]
+        assert f"eval/{name}" in rows[-1]
+    # at step 1 the policy IS the reference: implicit rewards 0, loss = -log sigmoid(0) = ln 2
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[-1]["train/loss"] < math.log(2)
+    model, tok = load_policy(tmp_path / "a" / "checkpoint.pt")
+    assert tok.eot_id > 0 and model.config.n_layer == 1
+
+
+def test_reference_logps_computed_once_and_recomputed_on_change(
+    tiny_sft, pair_files, tmp_path, monkeypatch
+):
+    fresh = []  # copies, so no cache from another test sits beside them
+    for f in pair_files:
+        fresh.append(tmp_path / f.name)
+        fresh[-1].write_bytes(f.read_bytes())
+    pair_files = tuple(fresh)
+    calls = []
+    real = dpo_mod.build_policy
+    monkeypatch.setattr(dpo_mod, "build_policy", lambda c: calls.append(1) or real(c))
+    _run(tiny_sft, pair_files, tmp_path / "a", steps=2)
+    assert len(calls) == 3  # the policy, then the reference for train and for eval pairs
+    calls.clear()
+    _run(tiny_sft, pair_files, tmp_path / "b", steps=2)
+    assert len(calls) == 1  # the policy only: reference log-probs came from the cache
+    train, evals = pair_files
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(train.read_text().replace("Gravity", "Gravity", 1) + "\n")
+    calls.clear()
+    run_dpo(
+        sft_path=tiny_sft,
+        train_pairs=edited,
+        eval_pairs=evals,
+        out_dir=tmp_path / "c",
+        cfg=_cfg(steps=2),
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    assert len(calls) == 2  # new pairs file: its reference log-probs recomputed
+
+
+def test_cached_reference_equals_fresh_computation(tiny_sft, pair_files):
+    train, _ = pair_files
+    ckpt = load_checkpoint(tiny_sft)
+    model, tok = dpo_mod.build_policy(ckpt)
+    data = dpo_mod.tokenize_pairs(dpo_mod.load_pairs(train)[0], tok, model.config.block_size, "x")
+    c, r = dpo_mod.reference_logps(train, tiny_sft, data, tok.eot_id, torch.device("cpu"))
+    c2, r2 = dpo_mod.compute_logps(model, data, tok.eot_id)
+    torch.testing.assert_close(c, c2, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(r, r2, atol=1e-5, rtol=1e-6)
+
+
+def test_resume_after_stop_equals_uninterrupted(tiny_sft, pair_files, tmp_path):
+    _run(tiny_sft, pair_files, tmp_path / "full")
+    _run(tiny_sft, pair_files, tmp_path / "cut", stop_after=4)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
+    _run(tiny_sft, pair_files, tmp_path / "cut")  # same command again: resumes
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=f"weights {k}")
+
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
+def test_every_loss_type_trains(tiny_sft, pair_files, tmp_path, loss):
+    eps = 0.1 if loss == "robust" else 0.0
+    s = _run(tiny_sft, pair_files, tmp_path / loss, loss=loss, steps=3, label_smoothing=eps)
+    assert math.isfinite(s["train/loss"])
+
+
+def test_bad_input(tiny_sft, pair_files, tmp_path):
+    with pytest.raises(MinidpoError, match="--beta"):
+        _run(tiny_sft, pair_files, tmp_path / "x", beta=0.0)
+    with pytest.raises(MinidpoError, match="--loss"):
+        _run(tiny_sft, pair_files, tmp_path / "x", loss="kto")
+    long = save_pairs(
+        tmp_path / "long.jsonl", [PreferencePair("Explain gravity.", "Gravity. " * 200, "No.")]
+    )
+    with pytest.raises(MinidpoError, match=r"long.jsonl: pair 1 needs \d+ tokens"):
+        run_dpo(
+            sft_path=tiny_sft,
+            train_pairs=long,
+            eval_pairs=None,
+            out_dir=tmp_path / "y",
+            cfg=_cfg(),
+            seed=0,
+            device=torch.device("cpu"),
+            progress=False,
+        )
+    assert not (tmp_path / "y").exists()  # nothing half-written
