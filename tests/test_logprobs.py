@@ -25,8 +25,8 @@ def test_concatenated_matches_one_at_a_time_loop():
     model = _model()
     rng = np.random.default_rng(0)
     prompts = _rows(rng, 4, 1, 6)
-    chosen = [r + [0] for r in _rows(rng, 4, 1, 9)]  # 0 plays end-of-text
-    rejected = [r + [0] for r in _rows(rng, 4, 0, 12)]
+    chosen = [[*r, 0] for r in _rows(rng, 4, 1, 9)]  # 0 plays end-of-text
+    rejected = [[*r, 0] for r in _rows(rng, 4, 0, 12)]
     batch = concatenated_batch(prompts, chosen, rejected, pad_id=0)
     assert batch.input_ids.shape[0] == 8  # 2B rows, one forward
     with torch.no_grad():
