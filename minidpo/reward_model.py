@@ -1,0 +1,477 @@
+"""The reward model of the RLHF pipeline: a GPT with a scalar head, trained with Bradley-Terry.
+
+Stage 2 of RLHF (the stage DPO removes). The body starts as a copy of the SFT
+policy, a ``Linear(n_embd, 1)`` head (`minidpo.model.ScalarHeadModel`) reads the
+hidden state at the response's END-OF-TEXT token (the last real token of the row;
+an unterminated response is read at its last token), and the model learns from the
+same preference pairs as DPO by maximum likelihood under Bradley-Terry:
+
+    L_R = -E[ log sigmoid( r(x, y_w) - r(x, y_l) ) ]          (Eq. 2, arXiv 2305.18290)
+
+Two optional terms, both off by default:
+- ``--margin``: subtract the pair's score margin m = score_chosen - score_rejected
+  inside the sigmoid, as in Llama 2's margin loss (Touvron et al. 2023, Eq. 2);
+- ``--center-coef c``: add c * (r_w + r_l)^2, TRL's ``center_rewards_coefficient``
+  (Eisenstein et al. 2023), which keeps rewards near zero without changing which
+  response wins.
+
+Chosen and rejected rows go through the model in ONE forward over the same
+concatenated [chosen; rejected] batch as DPO (`minidpo.dpo.TokenizedPairs.batch`).
+
+A Bradley-Terry reward is defined only up to a constant, so after training it is
+normalised as in lm-human-preferences (Ziegler et al. 2019): draw
+``n_norm_samples`` SFT samples on the training prompts, score them, and store
+``gain`` and ``bias`` so that ``gain * r_raw + bias`` has mean 0 and std 1 on them.
+`RewardModel.score` returns the normalised reward.
+
+Outputs under the stage's folder:
+    checkpoint.pt   kind "reward_model": model, optimizer, step, configs, tokenizer,
+                    "normalization": {"gain", "bias"} (None until training is done)
+    metrics.jsonl   train/ and eval/ loss, accuracy, margin per step
+    summary.json    final metrics, normalisation, and `reward_model_report`
+
+Left out: an ensemble of reward models, a separate value head, per-token rewards,
+and re-normalising against the PPO policy's own samples during RL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minidpo.atomic import atomic_write_json
+from minidpo.batching import Batch, build_batch
+from minidpo.config import _f, to_dict
+from minidpo.dpo import TokenizedPairs, tokenize_pairs
+from minidpo.errors import MinidpoError
+from minidpo.model import GPT, GPTConfig, ScalarHeadModel
+from minidpo.oracle import oracle_reward
+from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
+from minidpo.preferences import PreferencePair, load_pairs
+from minidpo.tokenizer import Tokenizer
+from minidpo.training import LoopConfig, load_checkpoint, save_checkpoint, train
+from minidpo.world import format_prompt, load_world
+
+
+@dataclass
+class RewardModelConfig:
+    """Reward-model training (Bradley-Terry, Eq. 2 of arXiv 2305.18290) and normalisation."""
+
+    steps: int = _f(150, "optimizer steps")
+    batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
+    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = _f(15, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    margin: bool = _f(
+        False, "subtract the pair's score margin inside the sigmoid (Llama 2's margin loss)"
+    )
+    center_coef: float = _f(0.0, "coefficient of the reward-centering term c * (r_w + r_l)^2")
+    eval_every: int = _f(50, "held-out pair metrics every N steps")
+    ckpt_every: int = _f(50, "checkpoint every N steps")
+    resume: bool = _f(False, "continue from the run's last reward-model checkpoint")
+    n_norm_samples: int = _f(320, "SFT samples on the training prompts used to normalise")
+    max_new_tokens: int = _f(64, "length limit of the normalisation and report samples")
+    report_samples_per_prompt: int = _f(
+        4, "fresh SFT samples per held-out prompt for the Spearman report (0: no report)"
+    )
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def reward_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full token rows of a `build_batch` batch and the index of each row's last token.
+
+    `build_batch` drops each row's last token from ``input_ids`` (it is only ever a
+    label), but the reward is read AT that token, the end-of-text, so the rows are
+    rebuilt: tokens = [input_ids[:, 0], labels...] (B, T + 1), with padding as id 0
+    (right padding: a causal model never attends to it from a real position, so any
+    valid id will do). A row with n labels has n + 1 tokens; its last is at index n.
+
+    Example: input_ids [[5, 6, 7]], labels [[6, 7, 0]] -> tokens [[5, 6, 7, 0]], last [3].
+    """
+    real = batch.labels >= 0  # (B, T)
+    rest = batch.labels.clamp(min=0)  # (B, T): padding -1 -> id 0
+    tokens = torch.cat([batch.input_ids[:, :1], rest], dim=1)  # (B, T + 1)
+    last = real.sum(dim=1)  # (B,) = number of labels = index of the last token
+    return tokens, last
+
+
+def read_at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """values (B, T), index (B,) long -> values[b, index[b]] (B,)."""
+    return values.gather(1, index[:, None]).squeeze(1)  # (B,)
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair reward-model loss (B,) from rewards (B,), (B,).
+
+        -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
+
+    with m the optional margin (Llama 2) and c the centering coefficient (TRL).
+
+    Example: r_w = 1, r_l = 0, no margin -> log(1 + e^-1) = 0.31326.
+    """
+    z = r_chosen - r_rejected  # (B,)
+    if margin is not None:
+        z = z - margin  # Llama 2 margin loss, Touvron et al. 2023, Eq. 2
+    losses = -F.logsigmoid(z)  # Eq. 2, arXiv 2305.18290
+    if center_coef:
+        losses = losses + center_coef * (r_chosen + r_rejected) ** 2  # TRL center_rewards
+    return losses
+
+
+def normalization(raw: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """(gain, bias) such that gain * raw + bias has mean 0 and (population) std 1.
+
+    Example: raw [1, 3] -> mean 2, std 1 -> gain 1, bias -2.
+    """
+    a = np.asarray(raw, dtype=np.float64)
+    std = float(a.std())
+    if len(a) < 2 or not std > 0:
+        raise MinidpoError(
+            f"reward normalisation: {len(a)} samples with std {std:g}; need >= 2 distinct scores"
+        )
+    return 1.0 / std, -float(a.mean()) / std
+
+
+def average_ranks(x: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `x`, ties sharing the average of the ranks they span.
+
+    Example: [10, 20, 20, 40] -> [1, 2.5, 2.5, 4].
+    """
+    a = np.asarray(x, dtype=np.float64)
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a), dtype=np.float64)
+    i = 0
+    while i < len(a):
+        j = i
+        while j + 1 < len(a) and a[order[j + 1]] == a[order[i]]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1  # average of ranks i+1 .. j+1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Spearman's rank correlation: the Pearson correlation of the average ranks.
+
+    NaN when either side is constant (the correlation is undefined).
+
+    Example: x [1, 2, 3, 4, 5], y [2, 1, 4, 3, 5] -> 1 - 6 * 4 / (5 * 24) = 0.8.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} x values but {len(y)} y values")
+    rx, ry = average_ranks(x), average_ranks(y)
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    denom = float(np.sqrt((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
+
+
+def pair_metrics(losses: torch.Tensor, r_chosen: torch.Tensor, r_rejected: torch.Tensor):
+    """loss, accuracy (share with r_w > r_l), margin (mean r_w - r_l), mean r_w and r_l."""
+    margins = (r_chosen - r_rejected).detach()
+    return {
+        "loss": losses.detach().mean().item(),
+        "accuracy": (margins > 0).float().mean().item(),
+        "margin": margins.mean().item(),
+        "rewards/chosen": r_chosen.detach().mean().item(),
+        "rewards/rejected": r_rejected.detach().mean().item(),
+    }
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def pair_rewards(model: ScalarHeadModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rewards (r_w (B,), r_l (B,)) from one forward over a concatenated 2B-row batch."""
+    tokens, last = reward_inputs(batch)  # (2B, T + 1), (2B,)
+    r = read_at(model(tokens), last)  # (2B,)
+    B = r.shape[0] // 2
+    return r[:B], r[B:]
+
+
+def check_fits(data: TokenizedPairs, block_size: int, source: str) -> None:
+    """The reward reads the end-of-text token itself, so prompt + response must fit whole."""
+    for i in range(len(data)):
+        n = len(data.prompts[i]) + max(len(data.chosen[i]), len(data.rejected[i]))
+        if n > block_size:
+            raise MinidpoError(
+                f"{source}: pair {i + 1} needs {n} tokens, the model's context is {block_size}"
+            )
+
+
+def pair_margins(pairs: Sequence[PreferencePair], source: str) -> torch.Tensor:
+    """score_chosen - score_rejected per pair (N,), for the margin loss."""
+    out = []
+    for i, p in enumerate(pairs):
+        if p.score_chosen is None or p.score_rejected is None:
+            raise MinidpoError(
+                f"{source}: pair {i + 1} has no score_chosen/score_rejected, which --margin needs"
+            )
+        out.append(p.score_chosen - p.score_rejected)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+class RewardModel:
+    """A trained, normalised reward model: r(x, y) = gain * head(h_eot) + bias.
+
+    Scores are computed without gradients, in batches, and returned on the CPU.
+    """
+
+    def __init__(self, model: ScalarHeadModel, tok: Tokenizer, gain: float, bias: float):
+        self.model = model.eval()
+        self.tok = tok
+        self.gain = gain
+        self.bias = bias
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.body.device
+
+    @torch.no_grad()
+    def raw_scores(
+        self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], bs: int = 128
+    ) -> torch.Tensor:
+        """Unnormalised rewards of (prompt ids, response ids) rows: (N,) float32 on CPU."""
+        block = self.model.config.block_size
+        out = []
+        for s in range(0, len(prompts), bs):
+            p, r = prompts[s : s + bs], responses[s : s + bs]
+            if max(len(a) + len(b) for a, b in zip(p, r, strict=True)) > block:
+                raise MinidpoError(f"reward model: a response exceeds the context of {block}")
+            tokens, last = reward_inputs(build_batch(p, r, pad_id=self.tok.eot_id))
+            values = self.model(tokens.to(self.device))  # (b, T + 1)
+            out.append(read_at(values, last.to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw * self.gain + self.bias
+
+    def score(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Normalised rewards (B,) of samples: their own response_ids after the formatted prompt."""
+        block = self.model.config.block_size
+        prompts = [encode_prompt(self.tok, s.prompt, block, 0) for s in samples]
+        return self.normalize(self.raw_scores(prompts, [s.response_ids for s in samples]))
+
+    def score_texts(
+        self, prompts: Sequence[str], responses: Sequence[str], terminated: Sequence[bool]
+    ) -> torch.Tensor:
+        """Normalised rewards (B,) of response texts (end-of-text appended when terminated)."""
+        p_ids = self.tok.encode_batch([format_prompt(p) for p in prompts])
+        r_ids = self.tok.encode_batch(list(responses))
+        r_ids = [[*r, self.tok.eot_id] if t else r for r, t in zip(r_ids, terminated, strict=True)]
+        return self.normalize(self.raw_scores(p_ids, r_ids))
+
+
+def build_reward_model(ckpt: dict[str, Any]) -> tuple[ScalarHeadModel, Tokenizer]:
+    """The ScalarHeadModel and tokenizer of a reward-model checkpoint (CPU, eval mode)."""
+    model = ScalarHeadModel(GPT(GPTConfig(**ckpt["model_config"])))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Tokenizer.from_dict(ckpt["tokenizer"])
+
+
+def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> RewardModel:
+    """Load a finished reward model; a policy checkpoint is refused by name."""
+    ckpt = load_checkpoint(path, kind="reward_model")
+    norm = ckpt.get("normalization")
+    if not norm:
+        raise MinidpoError(f"{path}: reward model is not normalised yet (its run did not finish)")
+    model, tok = build_reward_model(ckpt)
+    return RewardModel(model.to(device), tok, float(norm["gain"]), float(norm["bias"]))
+
+
+def _seed(seed: int, tag: int) -> int:
+    """A sampling seed derived from the run seed and a per-use tag."""
+    return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
+
+
+def reward_model_report(
+    rm: RewardModel,
+    policy: GPT,
+    *,
+    eval_pairs: Sequence[PreferencePair],
+    prompts: Sequence[str],
+    samples_per_prompt: int,
+    seed: int,
+    max_new_tokens: int = 64,
+) -> dict[str, float]:
+    """How well the reward model stands in for the oracle on held-out data.
+
+    - heldout_accuracy: share of held-out pairs with r(chosen) > r(rejected);
+    - spearman: rank correlation between the reward model and the oracle reward on
+      `samples_per_prompt` fresh samples of `policy` (pi_SFT) per prompt.
+    """
+    rc = rm.score_texts(
+        [p.prompt for p in eval_pairs],
+        [p.chosen for p in eval_pairs],
+        [p.chosen_terminated for p in eval_pairs],
+    )
+    rr = rm.score_texts(
+        [p.prompt for p in eval_pairs],
+        [p.rejected for p in eval_pairs],
+        [p.rejected_terminated for p in eval_pairs],
+    )
+    expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+    samples = sample_responses(
+        policy, rm.tok, expanded, seed=seed, temperature=1.0, max_new_tokens=max_new_tokens
+    )
+    oracle = [oracle_reward(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    return {
+        "heldout_accuracy": float((rc > rr).float().mean()),
+        "n_heldout_pairs": len(eval_pairs),
+        "spearman": spearman(rm.score(samples).numpy(), oracle),
+        "n_spearman_samples": len(samples),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run_reward_model(
+    *,
+    sft_path: Path,
+    train_pairs: Path,
+    eval_pairs: Path | None,
+    out_dir: Path,
+    cfg: RewardModelConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train, normalise and report on a reward model initialised from SFT; returns its summary."""
+    if cfg.n_norm_samples < 2:
+        raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
+    if cfg.center_coef < 0:
+        raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
+    sft = load_checkpoint(sft_path, kind="policy")
+    body, tok = build_policy(sft)
+    gen = torch.Generator().manual_seed(seed)
+    model = ScalarHeadModel(body, generator=gen).to(device)
+    block = model.config.block_size
+    pad = tok.eot_id
+
+    def prepare(path: Path) -> tuple[TokenizedPairs, torch.Tensor | None, list[PreferencePair]]:
+        pairs = load_pairs(path)[0]
+        data = tokenize_pairs(pairs, tok, block, str(path))
+        check_fits(data, block, str(path))
+        return data, (pair_margins(pairs, str(path)) if cfg.margin else None), pairs
+
+    train_data, train_margin, _ = prepare(train_pairs)
+    if eval_pairs is not None:
+        eval_data, eval_margin, eval_list = prepare(eval_pairs)
+
+    def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
+        rng = np.random.default_rng([seed, 4, step])
+        idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
+        return train_data.batch(idx, pad).to(device), torch.as_tensor(idx)
+
+    def losses_of(m, batch: Batch, margin: torch.Tensor | None):
+        rc, rr = pair_rewards(m, batch)  # (B,), (B,)
+        mg = margin.to(device) if margin is not None else None
+        return bradley_terry_loss(rc, rr, margin=mg, center_coef=cfg.center_coef), rc, rr
+
+    def loss_fn(m: torch.nn.Module, item: tuple[Batch, torch.Tensor]):
+        batch, idx = item
+        losses, rc, rr = losses_of(m, batch, None if train_margin is None else train_margin[idx])
+        return losses.mean(), {**pair_metrics(losses, rc, rr), "tokens": batch.n_tokens}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        all_l, all_c, all_r = [], [], []
+        for s in range(0, len(eval_data), 64):
+            idx = list(range(s, min(s + 64, len(eval_data))))
+            mg = None if eval_margin is None else eval_margin[idx]
+            losses, rc, rr = losses_of(m, eval_data.batch(idx, pad).to(device), mg)
+            all_l.append(losses)
+            all_c.append(rc)
+            all_r.append(rr)
+        return pair_metrics(torch.cat(all_l), torch.cat(all_c), torch.cat(all_r))
+
+    loop = LoopConfig(
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        min_lr_ratio=cfg.min_lr_ratio,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        resume=cfg.resume,
+        desc="reward model",
+    )
+    ckpt_path = out_dir / "checkpoint.pt"
+    t0 = time.perf_counter()
+    last = train(
+        model,
+        loop=loop,
+        get_batch=get_batch,
+        loss_fn=loss_fn,
+        ckpt_path=ckpt_path,
+        metrics_path=out_dir / "metrics.jsonl",
+        checkpoint_extra={
+            "kind": "reward_model",
+            "stage": "reward_model",
+            "model_config": sft["model_config"],
+            "tokenizer": tok.to_dict(),
+            "stage_config": {"reward_model": to_dict(cfg), "seed": seed, "sft": str(sft_path)},
+            "normalization": None,
+        },
+        eval_fn=eval_fn if eval_pairs is not None else None,
+        stop_after=stop_after,
+        progress=progress,
+    )
+    ckpt = load_checkpoint(ckpt_path, kind="reward_model")
+    if not ckpt["done"]:
+        return {**last, "done": False}
+
+    # Normalise on SFT samples of the training prompts (lm-human-preferences).
+    policy, _ = build_policy(sft)
+    policy = policy.to(device)
+    world = load_world()
+    train_prompts = [p.text for p in world.prompts("train")]
+    norm_prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.n_norm_samples)]
+    norm_samples = sample_responses(
+        policy, tok, norm_prompts, seed=_seed(seed, 5), max_new_tokens=cfg.max_new_tokens
+    )
+    model.load_state_dict(ckpt["model"])
+    rm = RewardModel(model, tok, 1.0, 0.0)
+    raw = rm.score(norm_samples)  # (n_norm_samples,)
+    gain, bias = normalization(raw.double().numpy())
+    ckpt["normalization"] = {"gain": gain, "bias": bias}
+    save_checkpoint(ckpt_path, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    rm.gain, rm.bias = gain, bias
+
+    summary: dict[str, Any] = {
+        **last,
+        "done": True,
+        "normalization": {"gain": gain, "bias": bias, "raw_mean": float(raw.double().mean())},
+        "n_train_pairs": len(train_data),
+    }
+    if eval_pairs is not None and cfg.report_samples_per_prompt > 0:
+        summary["report"] = reward_model_report(
+            rm,
+            policy,
+            eval_pairs=eval_list,
+            prompts=[p.text for p in world.prompts("eval")],
+            samples_per_prompt=cfg.report_samples_per_prompt,
+            seed=_seed(seed, 6),
+            max_new_tokens=cfg.max_new_tokens,
+        )
+    summary["wall_s_total"] = time.perf_counter() - t0
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
