@@ -219,17 +219,8 @@ def run_dpo(
         pc, pr = compute_logps(model, eval_data, tok.eot_id)
         return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
 
-    loop = LoopConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every,
-        resume=cfg.resume or status == "resume",
-        desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]",
+    loop = LoopConfig.from_config(
+        cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=cfg.resume or status == "resume"
     )
     t0 = time.perf_counter()
     last = train(

@@ -132,18 +132,7 @@ def run_sft(
             count += n
         return {"loss": total / count}
 
-    loop = LoopConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every,
-        resume=cfg.resume,
-        desc="sft",
-    )
+    loop = LoopConfig.from_config(cfg, desc="sft", resume=cfg.resume)
     t0 = time.perf_counter()
     last = train(
         model,

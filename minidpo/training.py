@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,12 @@ class LoopConfig:
     ckpt_every: int
     resume: bool = False
     desc: str = "train"
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, desc: str, resume: bool) -> LoopConfig:
+        """The loop settings of a stage config (SFTConfig, DPOConfig, ...), read by name."""
+        shared = [f.name for f in fields(cls) if f.name not in ("resume", "desc")]
+        return cls(**{name: getattr(cfg, name) for name in shared}, resume=resume, desc=desc)
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
