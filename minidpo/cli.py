@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -251,17 +252,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from minidpo.atomic import atomic_write_json
 
     args.pairs = args.eval_pairs = None
-    cmd_sft(args)
-    cmd_prefs(args)
-    cmd_dpo(args)
     run = _run(args)
     cfg = _cfg(EvalConfig, "eval", args)
     sft = _sft_path(run, args)
     dpo = _dpo_dir(run, _cfg(DPOConfig, "dpo", args)) / "checkpoint.pt"
-    sft_result, sft_samples, sft_rewards = _evaluate(run, cfg, sft, None)
-    dpo_result, dpo_samples, dpo_rewards = _evaluate(run, cfg, dpo, sft)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        timings[stage] = round(time.perf_counter() - t0, 2)
+        return out
+
+    timed("sft", cmd_sft, args)
+    timed("prefs", cmd_prefs, args)
+    timed("dpo", cmd_dpo, args)
+    sft_result, sft_samples, sft_rewards = timed("eval_sft", _evaluate, run, cfg, sft, None)
+    dpo_result, dpo_samples, dpo_rewards = timed("eval_dpo", _evaluate, run, cfg, dpo, sft)
     results = {"SFT": sft_result, dpo.parent.name: dpo_result}
-    atomic_write_json(run_dir(run) / "demo.json", {k: v.to_dict() for k, v in results.items()})
+    atomic_write_json(
+        run_dir(run) / "demo.json",
+        {"results": {k: v.to_dict() for k, v in results.items()}, "wall_s": timings},
+    )
     print("\nheld-out prompts, oracle reward (mean +- standard error):")
     print(_eval_table(results))
     print("\nsame prompt, same seed: SFT vs DPO")
@@ -269,6 +281,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{sft_samples[i].prompt}")
         print(f"  SFT [{sft_rewards[i]:+.2f}] {sft_samples[i].response}")
         print(f"  DPO [{dpo_rewards[i]:+.2f}] {dpo_samples[i].response}")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    print(f"\nwall time: {stages}; results in {run_dir(run)}")
     return 0
 
 
