@@ -36,6 +36,7 @@ and re-normalising against the PPO policy's own samples during RL.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,14 +50,14 @@ import torch.nn.functional as F
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.config import _f, to_dict
-from minidpo.dpo import TokenizedPairs, tokenize_pairs
+from minidpo.dpo import TokenizedPairs, file_sha256, tokenize_pairs
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.oracle import oracle_reward
 from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
 from minidpo.preferences import PreferencePair, load_pairs
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, load_checkpoint, save_checkpoint, train
+from minidpo.training import LoopConfig, load_checkpoint, save_checkpoint, stage_status, train
 from minidpo.world import format_prompt, load_world
 
 
@@ -64,10 +65,10 @@ from minidpo.world import format_prompt, load_world
 class RewardModelConfig:
     """Reward-model training (Bradley-Terry, Eq. 2 of arXiv 2305.18290) and normalisation."""
 
-    steps: int = _f(150, "optimizer steps")
+    steps: int = _f(100, "optimizer steps (held-out accuracy plateaus by ~75 on the cpu preset)")
     batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
-    lr: float = _f(3e-4, "peak learning rate (AdamW)")
-    warmup_steps: int = _f(15, "linear warmup steps")
+    lr: float = _f(3e-4, "peak learning rate (AdamW), as DPO's: same pairs, same budget")
+    warmup_steps: int = _f(10, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
@@ -81,7 +82,7 @@ class RewardModelConfig:
     n_norm_samples: int = _f(320, "SFT samples on the training prompts used to normalise")
     max_new_tokens: int = _f(64, "length limit of the normalisation and report samples")
     report_samples_per_prompt: int = _f(
-        4, "fresh SFT samples per held-out prompt for the Spearman report (0: no report)"
+        8, "fresh SFT samples per held-out prompt for the Spearman report (0: no report)"
     )
 
 
@@ -353,12 +354,28 @@ def run_reward_model(
     device: torch.device,
     progress: bool = True,
     stop_after: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train, normalise and report on a reward model initialised from SFT; returns its summary."""
+    """Train, normalise and report on a reward model initialised from SFT; returns its summary.
+
+    Skipped when `out_dir` holds a finished run of the same configuration, SFT
+    checkpoint and pairs; an unfinished one is resumed (a run killed after training
+    but before normalising resumes straight into the normalisation).
+    """
     if cfg.n_norm_samples < 2:
         raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
     if cfg.center_coef < 0:
         raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
+    stage_config = {
+        "reward_model": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "seed": seed,
+        "sft_sha256": file_sha256(sft_path),
+        "pairs_sha256": file_sha256(train_pairs),
+    }
+    ckpt_path = out_dir / "checkpoint.pt"
+    status = stage_status(ckpt_path, stage_config, force=force)
+    if status == "done" and (out_dir / "summary.json").exists():
+        return json.loads((out_dir / "summary.json").read_text())
     sft = load_checkpoint(sft_path, kind="policy")
     body, tok = build_policy(sft)
     gen = torch.Generator().manual_seed(seed)
@@ -402,19 +419,7 @@ def run_reward_model(
             all_r.append(rr)
         return pair_metrics(torch.cat(all_l), torch.cat(all_c), torch.cat(all_r))
 
-    loop = LoopConfig(
-        steps=cfg.steps,
-        lr=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        min_lr_ratio=cfg.min_lr_ratio,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-        eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every,
-        resume=cfg.resume,
-        desc="reward model",
-    )
-    ckpt_path = out_dir / "checkpoint.pt"
+    loop = LoopConfig.from_config(cfg, desc="reward model", resume=cfg.resume or status != "fresh")
     t0 = time.perf_counter()
     last = train(
         model,
@@ -428,7 +433,7 @@ def run_reward_model(
             "stage": "reward_model",
             "model_config": sft["model_config"],
             "tokenizer": tok.to_dict(),
-            "stage_config": {"reward_model": to_dict(cfg), "seed": seed, "sft": str(sft_path)},
+            "stage_config": stage_config,
             "normalization": None,
         },
         eval_fn=eval_fn if eval_pairs is not None else None,

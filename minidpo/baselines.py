@@ -1,0 +1,194 @@
+"""The paper's two cheap baselines: Preferred-FT and Best-of-N (arXiv 2305.18290, Sec. 6).
+
+- Preferred-FT: supervised fine-tuning on the CHOSEN responses of the preference
+  pairs only, starting from pi_SFT; the rejected responses are thrown away. It is
+  the same next-token cross-entropy as SFT (`minidpo.sft.lm_loss`, response tokens
+  only), run by the shared loop, and writes a "policy" checkpoint that every
+  evaluation reads like any other. A response that wins several pairs appears
+  once per pair, so it weighs as often as it won.
+- Best-of-N: draw N samples from a policy (pi_SFT) for each prompt and keep the one a
+  score function (the reward model, or the oracle for an upper bound) rates
+  highest. No training at all, but N times the sampling cost at test time. All
+  N x prompts samples are drawn in one batched call; ties go to the earliest sample.
+
+Left out: Unlikelihood (the paper's third baseline), rejection-sampling
+fine-tuning on Best-of-N outputs, and any KL control for Preferred-FT.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minidpo.atomic import atomic_write_json
+from minidpo.batching import Batch, build_batch
+from minidpo.config import _f, to_dict
+from minidpo.dpo import file_sha256, tokenize_pairs
+from minidpo.errors import MinidpoError
+from minidpo.model import GPT
+from minidpo.policy import Sample, build_policy, sample_responses
+from minidpo.preferences import load_pairs
+from minidpo.sft import lm_loss
+from minidpo.tokenizer import Tokenizer
+from minidpo.training import LoopConfig, load_checkpoint, stage_status, train
+
+ScoreFn = Callable[[Sequence[Sample]], torch.Tensor]
+"""Scores a list of samples: list[Sample] (N) -> tensor (N,), higher is better."""
+
+
+@dataclass
+class PreferredFTConfig:
+    """Preferred-FT: SFT on the chosen responses of the preference pairs."""
+
+    steps: int = _f(150, "optimizer steps")
+    batch_size: int = _f(32, "chosen responses per step")
+    lr: float = _f(3e-4, "peak learning rate (AdamW); lower than SFT's, it starts from SFT")
+    warmup_steps: int = _f(15, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
+    eval_every: int = _f(50, "held-out loss on the chosen responses every N steps")
+    ckpt_every: int = _f(50, "checkpoint every N steps")
+    resume: bool = _f(False, "continue from the run's last Preferred-FT checkpoint")
+
+
+def chosen_data(
+    path: Path, tok: Tokenizer, block_size: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and chosen-response ids (end-of-text appended when it terminated)."""
+    data = tokenize_pairs(load_pairs(path)[0], tok, block_size, str(path))
+    return data.prompts, data.chosen
+
+
+@torch.no_grad()
+def chosen_loss(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 128,
+) -> float:
+    """Token-weighted mean cross-entropy of `model` on the responses (the quantity trained)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for s in range(0, len(prompts), batch_size):
+        b = build_batch(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id=pad_id)
+        b = b.to(device)
+        n = float(b.mask.sum())
+        total += lm_loss(model(b.input_ids), b).item() * n
+        count += n
+    return total / count
+
+
+def run_preferred_ft(
+    *,
+    sft_path: Path,
+    train_pairs: Path,
+    out_dir: Path,
+    cfg: PreferredFTConfig,
+    seed: int,
+    device: torch.device,
+    eval_pairs: Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Fine-tune pi_SFT on the chosen responses; returns the final metrics summary.
+
+    Skipped when `out_dir` holds a finished run of the same configuration, SFT
+    checkpoint and pairs; an unfinished one is resumed.
+    """
+    stage_config = {
+        "preferred_ft": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "seed": seed,
+        "sft_sha256": file_sha256(sft_path),
+        "pairs_sha256": file_sha256(train_pairs),
+    }
+    status = stage_status(out_dir / "checkpoint.pt", stage_config, force=force)
+    if status == "done" and (out_dir / "summary.json").exists():
+        return json.loads((out_dir / "summary.json").read_text())
+    sft = load_checkpoint(sft_path, kind="policy")
+    policy, tok = build_policy(sft)
+    policy = policy.to(device)
+    block = policy.config.block_size
+    train_p, train_r = chosen_data(train_pairs, tok, block)
+    if eval_pairs is not None:
+        eval_p, eval_r = chosen_data(eval_pairs, tok, block)
+
+    def get_batch(step: int) -> Batch:
+        rng = np.random.default_rng([seed, 7, step])  # the batch depends on (seed, step) only
+        idx = rng.choice(len(train_p), size=min(cfg.batch_size, len(train_p)), replace=False)
+        batch = build_batch([train_p[i] for i in idx], [train_r[i] for i in idx], pad_id=tok.eot_id)
+        return batch.to(device)
+
+    def loss_fn(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = lm_loss(m(batch.input_ids), batch)
+        return loss, {"loss": loss.item(), "tokens": batch.n_tokens}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return {"loss": chosen_loss(m, eval_p, eval_r, tok.eot_id)}
+
+    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=cfg.resume or status != "fresh")
+    t0 = time.perf_counter()
+    last = train(
+        policy,
+        loop=loop,
+        get_batch=get_batch,
+        loss_fn=loss_fn,
+        ckpt_path=out_dir / "checkpoint.pt",
+        metrics_path=out_dir / "metrics.jsonl",
+        checkpoint_extra={
+            "kind": "policy",
+            "stage": "preferred_ft",
+            "model_config": sft["model_config"],
+            "tokenizer": tok.to_dict(),
+            "stage_config": stage_config,
+        },
+        eval_fn=eval_fn if eval_pairs is not None else None,
+        stop_after=stop_after,
+        progress=progress,
+    )
+    summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_p)}
+    if load_checkpoint(out_dir / "checkpoint.pt")["done"]:
+        atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def best_of_n(
+    policy: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    score_fn: ScoreFn,
+    seed: int,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+) -> list[Sample]:
+    """For each prompt, the highest-scoring of `n` samples of `policy` (ties: the earliest).
+
+    The candidates of prompt i are rows i*n .. i*n + n - 1 of one batched
+    `sample_responses` call with `seed`, so n = 1 is exactly plain sampling.
+    """
+    if n < 1:
+        raise MinidpoError(f"--n: Best-of-N needs n >= 1, got {n}")
+    expanded = [p for p in prompts for _ in range(n)]
+    candidates = sample_responses(
+        policy, tok, expanded, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens
+    )
+    if n == 1:
+        return candidates
+    scores = torch.as_tensor(score_fn(candidates), dtype=torch.float64).cpu()  # (P*n,)
+    if scores.shape != (len(candidates),):
+        raise ValueError(
+            f"score_fn returned shape {tuple(scores.shape)}, expected ({len(candidates)},)"
+        )
+    best = scores.view(len(prompts), n).argmax(dim=1)  # (P,): first maximum of each row
+    return [candidates[i * n + int(b)] for i, b in enumerate(best)]

@@ -1,0 +1,134 @@
+"""The cheap baselines: Best-of-N (selection, n = 1, batching) and Preferred-FT (tiny run)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidpo.baselines import (
+    PreferredFTConfig,
+    best_of_n,
+    chosen_data,
+    chosen_loss,
+    run_preferred_ft,
+)
+from minidpo.errors import MinidpoError
+from minidpo.policy import load_policy, sample_responses
+from minidpo.preferences import PreferencePair, save_pairs, score_samples
+from minidpo.training import load_checkpoint, read_metrics
+from minidpo.world import load_world
+
+PROMPTS = ["Explain gravity.", "What is gravity?", "Explain photosynthesis."]
+
+
+def oracle_scores(samples):
+    return torch.tensor(score_samples(samples))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_sft):
+    return load_policy(tiny_sft)
+
+
+def test_best_of_one_is_plain_sampling(policy):
+    model, tok = policy
+    got = best_of_n(model, tok, PROMPTS, n=1, score_fn=oracle_scores, seed=5, max_new_tokens=24)
+    want = sample_responses(model, tok, PROMPTS, seed=5, max_new_tokens=24)
+    assert got == want
+
+
+def test_best_of_n_keeps_the_highest_score_and_the_earliest_on_ties(policy):
+    model, tok = policy
+    n = 4
+    candidates = sample_responses(
+        model, tok, [p for p in PROMPTS for _ in range(n)], seed=2, max_new_tokens=24
+    )
+
+    def by_length(samples):
+        return torch.tensor([float(len(s.response_ids)) for s in samples])
+
+    got = best_of_n(model, tok, PROMPTS, n=n, score_fn=by_length, seed=2, max_new_tokens=24)
+    for i, s in enumerate(got):
+        group = candidates[i * n : (i + 1) * n]
+        lengths = [len(c.response_ids) for c in group]
+        assert s == group[lengths.index(max(lengths))]  # list.index: the first maximum
+    constant = best_of_n(
+        model,
+        tok,
+        PROMPTS,
+        n=n,
+        score_fn=lambda ss: torch.zeros(len(ss)),
+        seed=2,
+        max_new_tokens=24,
+    )
+    assert constant == candidates[::n]
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_best_of_n_under_the_oracle_never_loses_to_the_first_sample(policy, n, seed):
+    model, tok = policy
+    kw = dict(seed=seed, max_new_tokens=24)
+    best = best_of_n(model, tok, PROMPTS, n=n, score_fn=oracle_scores, **kw)
+    candidates = sample_responses(model, tok, [p for p in PROMPTS for _ in range(n)], **kw)
+    first = candidates[::n]  # the first of each prompt's n candidates
+    assert [s.prompt for s in best] == PROMPTS
+    for b, f in zip(oracle_scores(best), oracle_scores(first), strict=True):
+        assert float(b) >= float(f)
+
+
+def test_best_of_n_rejects_bad_n_and_bad_scores(policy):
+    model, tok = policy
+    with pytest.raises(MinidpoError, match="n >= 1"):
+        best_of_n(model, tok, PROMPTS, n=0, score_fn=oracle_scores, seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        best_of_n(model, tok, PROMPTS, n=2, score_fn=lambda ss: torch.zeros(1), seed=0)
+
+
+def _pairs(split, n):
+    world = load_world()
+    out = []
+    for i, p in enumerate(world.prompts(split)[:n]):
+        t = world.topics[p.topic]
+        out.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
+    return out
+
+
+def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, tmp_path):
+    train = save_pairs(tmp_path / "train.jsonl", _pairs("train", 24))
+    evals = save_pairs(tmp_path / "eval.jsonl", _pairs("eval", 8))
+    cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5)
+    out = tmp_path / "preferred_ft"
+    summary = run_preferred_ft(
+        sft_path=tiny_sft,
+        train_pairs=train,
+        eval_pairs=evals,
+        out_dir=out,
+        cfg=cfg,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    ckpt = load_checkpoint(out / "checkpoint.pt", kind="policy")
+    assert ckpt["stage"] == "preferred_ft" and ckpt["done"] and ckpt["step"] == 10
+    tuned, tok = load_policy(out / "checkpoint.pt")  # loadable like any policy
+    sft, _ = load_policy(tiny_sft)
+    prompts, chosen = chosen_data(train, tok, tuned.config.block_size)
+    before = chosen_loss(sft, prompts, chosen, tok.eot_id)
+    after = chosen_loss(tuned, prompts, chosen, tok.eot_id)
+    assert after < before - 0.1, f"chosen loss {before:.4f} -> {after:.4f}"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 10 and "eval/loss" in rows[4] and "eval/loss" in rows[9]
+    assert summary["train/loss"] == pytest.approx(rows[-1]["train/loss"], abs=1e-12)
+    # a finished run with the same configuration is skipped
+    mtime = (out / "checkpoint.pt").stat().st_mtime_ns
+    run_preferred_ft(
+        sft_path=tiny_sft,
+        train_pairs=train,
+        out_dir=out,
+        cfg=cfg,
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime

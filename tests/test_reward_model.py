@@ -1,0 +1,268 @@
+"""The reward model: Bradley-Terry loss, reading at end-of-text, normalisation, Spearman, stage."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minidpo.batching import build_batch
+from minidpo.errors import MinidpoError
+from minidpo.model import GPT, GPTConfig, ScalarHeadModel
+from minidpo.policy import Sample, load_policy, sample_responses
+from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.reward_model import (
+    RewardModel,
+    RewardModelConfig,
+    average_ranks,
+    bradley_terry_loss,
+    load_reward_model,
+    normalization,
+    pair_rewards,
+    read_at,
+    reward_inputs,
+    run_reward_model,
+    spearman,
+)
+from minidpo.tokenizer import train_bpe
+from minidpo.training import load_checkpoint, read_metrics
+from minidpo.world import load_world
+
+# ------------------------------------------------------------------ pure math
+
+
+def test_bradley_terry_loss_known_answer():
+    rc = torch.tensor([1.0, 0.0, 2.0])
+    rr = torch.tensor([0.0, 0.0, -1.0])
+    # -log sigmoid(z) = log(1 + e^-z): z = 1, 0, 3
+    want = torch.tensor([math.log1p(math.exp(-1)), math.log(2.0), math.log1p(math.exp(-3))])
+    torch.testing.assert_close(bradley_terry_loss(rc, rr), want, atol=1e-6, rtol=0)
+    # margin m = 1 shifts z by -1; centering adds c * (rc + rr)^2 = 0.5 * [1, 0, 1]
+    got = bradley_terry_loss(rc, rr, margin=torch.ones(3), center_coef=0.5)
+    z = torch.tensor([0.0, -1.0, 2.0])
+    want = torch.log1p(torch.exp(-z)) + 0.5 * torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_bradley_terry_loss_is_stable_for_large_margins():
+    got = bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
+    torch.testing.assert_close(got, torch.tensor([400.0]), atol=1e-3, rtol=0)
+
+
+def test_reward_inputs_rebuild_rows_and_index_the_last_real_token():
+    # rows (prompt | response): [5, 6 | 7, 0], [5 | 8, 9, 9, 0], [4, 4, 4 | 3] (unterminated)
+    batch = build_batch([[5, 6], [5], [4, 4, 4]], [[7, 0], [8, 9, 9, 0], [3]], pad_id=0)
+    tokens, last = reward_inputs(batch)
+    assert tokens.shape == (3, 5)
+    torch.testing.assert_close(last, torch.tensor([3, 4, 3]), atol=0, rtol=0)
+    assert tokens[0, :4].tolist() == [5, 6, 7, 0]
+    assert tokens[1].tolist() == [5, 8, 9, 9, 0]
+    assert tokens[2, :4].tolist() == [4, 4, 4, 3]
+    values = torch.arange(15.0).view(3, 5)  # value = 5 * row + column
+    torch.testing.assert_close(read_at(values, last), torch.tensor([3.0, 9.0, 13.0]))
+
+
+def test_pair_rewards_read_the_model_at_the_end_of_text_token():
+    torch.manual_seed(0)
+    model = ScalarHeadModel(GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=1, n_embd=8)))
+    model.eval()
+    prompts, chosen, rejected = [[1, 2], [3]], [[4, 0], [5, 6, 0]], [[7, 8, 9, 0], [10]]
+    batch = build_batch([*prompts, *prompts], [*chosen, *rejected], pad_id=0)
+    rc, rr = pair_rewards(model, batch)
+    with torch.no_grad():  # each row alone, no padding: the value at its last token
+        cases = [(rc[0], 0, chosen[0]), (rc[1], 1, chosen[1])]
+        cases += [(rr[0], 0, rejected[0]), (rr[1], 1, rejected[1])]
+        for got, p, r in cases:
+            row = torch.tensor([prompts[p] + r])
+            torch.testing.assert_close(got, model(row)[0, -1], atol=1e-5, rtol=0)
+
+
+def test_normalization_gives_mean_zero_std_one():
+    raw = np.random.default_rng(0).normal(3.0, 0.2, size=257)
+    gain, bias = normalization(raw)
+    z = gain * raw + bias
+    np.testing.assert_allclose(z.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(), 1.0, atol=1e-5)
+    assert normalization([1.0, 3.0]) == pytest.approx((1.0, -2.0), abs=1e-12)
+    with pytest.raises(MinidpoError, match="normalisation"):
+        normalization([2.0, 2.0, 2.0])
+
+
+def test_spearman_known_answers():
+    np.testing.assert_allclose(average_ranks([10, 20, 20, 40]), [1, 2.5, 2.5, 4], atol=0)
+    # no ties: 1 - 6 * sum d^2 / (n (n^2 - 1)) with d = [-1, 1, -1, 1, 0]: 1 - 24 / 120
+    np.testing.assert_allclose(spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]), 0.8, atol=1e-12)
+    # ties, by hand: ranks x [1, 2.5, 2.5, 4], y [1, 3, 2, 4]; centred dx [-1.5, 0, 0, 1.5],
+    # dy [-1.5, .5, -.5, 1.5]; sum dx dy = 4.5, sum dx^2 = 4.5, sum dy^2 = 5 -> sqrt(0.9)
+    np.testing.assert_allclose(spearman([10, 20, 20, 40], [1, 3, 2, 4]), math.sqrt(0.9), atol=1e-12)
+    np.testing.assert_allclose(spearman([3, 2, 1], [1, 5, 9]), -1.0, atol=1e-12)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+# ------------------------------------------------------------------ the stage, tiny
+
+
+def _pairs(split, n):
+    """Fact (chosen) vs wrong claim (rejected), with oracle-like scores."""
+    world = load_world()
+    out = []
+    for i, p in enumerate(world.prompts(split)[:n]):
+        t = world.topics[p.topic]
+        out.append(
+            PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)], 1.0, -1.0)
+        )
+    return out
+
+
+def _cfg(**kw):
+    cfg = RewardModelConfig(
+        steps=12,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        ckpt_every=6,
+        n_norm_samples=24,
+        max_new_tokens=24,
+        report_samples_per_prompt=2,
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _run(tiny_sft, files, out, **kw):
+    stop_after = kw.pop("stop_after", None)
+    return run_reward_model(
+        sft_path=tiny_sft,
+        train_pairs=files[0],
+        eval_pairs=files[1],
+        out_dir=out,
+        cfg=_cfg(**kw),
+        seed=0,
+        device=torch.device("cpu"),
+        progress=False,
+        stop_after=stop_after,
+    )
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rm_pairs")
+    return save_pairs(d / "train.jsonl", _pairs("train", 24)), save_pairs(
+        d / "eval.jsonl", _pairs("eval", 8)
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sft, pair_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "reward_model"
+    summary = _run(tiny_sft, pair_files, out)
+    return out, summary
+
+
+def test_tiny_run_writes_checkpoint_metrics_and_summary(trained):
+    out, summary = trained
+    ckpt = load_checkpoint(out / "checkpoint.pt", kind="reward_model")
+    keys = {"kind", "stage", "model_config", "tokenizer", "model", "optimizer", "step", "done"}
+    assert keys | {"stage_config", "normalization"} <= set(ckpt)
+    assert ckpt["done"] and ckpt["step"] == 12
+    assert set(ckpt["normalization"]) == {"gain", "bias"} and ckpt["normalization"]["gain"] > 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    names = {f"{split}/{m}" for split in ("train", "eval") for m in ("loss", "accuracy", "margin")}
+    assert names <= set(rows[-1]) and names <= set(rows[5])  # eval every 6 steps
+    assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
+    # fact-vs-wrong pairs are easy: the loss falls from its start near log 2
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    report = summary["report"]
+    assert report["n_heldout_pairs"] == 8 and report["n_spearman_samples"] == 2 * 40
+    assert -1.0 <= report["spearman"] <= 1.0
+    # the report's held-out accuracy is the eval accuracy of the final model
+    assert report["heldout_accuracy"] == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-9)
+
+
+def test_normalisation_is_mean_zero_std_one_on_its_samples(trained, tiny_sft):
+    out, _ = trained
+    rm = load_reward_model(out / "checkpoint.pt")
+    policy, tok = load_policy(tiny_sft)
+    # the normalisation samples, redrawn exactly as the stage drew them
+    train_prompts = [p.text for p in load_world().prompts("train")]
+    cfg = _cfg()
+    prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.n_norm_samples)]
+    seed = int(np.random.SeedSequence([0, 5]).generate_state(1)[0])
+    samples = sample_responses(policy, tok, prompts, seed=seed, max_new_tokens=cfg.max_new_tokens)
+    z = rm.score(samples).double().numpy()
+    np.testing.assert_allclose(z.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(), 1.0, atol=1e-5)
+
+
+def test_score_and_score_texts_agree(trained):
+    out, _ = trained
+    rm = load_reward_model(out / "checkpoint.pt")
+    tok = rm.tok
+    texts = [p.chosen for p in _pairs("eval", 3)]
+    terminated = [True, False, True]
+    samples = [
+        Sample("Explain gravity.", t, tok.encode(t) + [tok.eot_id] * done, done)
+        for t, done in zip(texts, terminated, strict=True)
+    ]
+    by_ids = rm.score(samples)
+    by_text = rm.score_texts(["Explain gravity."] * 3, texts, terminated)
+    assert by_ids.shape == (3,)
+    torch.testing.assert_close(by_text, by_ids, atol=1e-5, rtol=0)
+    # the end-of-text token is read: dropping it changes the score
+    assert (
+        abs(float(rm.score_texts(["Explain gravity."], texts[:1], [False])[0] - by_ids[0])) > 1e-4
+    )
+
+
+def test_kind_mismatch_is_refused_both_ways(trained, tiny_sft):
+    out, _ = trained
+    with pytest.raises(MinidpoError, match="'policy' checkpoint, expected 'reward_model'"):
+        load_reward_model(tiny_sft)
+    with pytest.raises(MinidpoError, match="'reward_model' checkpoint, expected 'policy'"):
+        load_policy(out / "checkpoint.pt")
+    with pytest.raises(MinidpoError, match="expected 'policy'"):
+        load_checkpoint(out / "checkpoint.pt", kind="policy")
+    with pytest.raises(MinidpoError, match="expected 'reward_model'"):
+        load_checkpoint(tiny_sft, kind="reward_model")
+
+
+def test_a_reward_model_as_sft_is_refused(trained, pair_files, tmp_path):
+    out, _ = trained
+    with pytest.raises(MinidpoError, match="expected 'policy'"):
+        _run(out / "checkpoint.pt", pair_files, tmp_path / "rm")
+
+
+def test_unfinished_run_cannot_be_loaded_and_resumes(tiny_sft, pair_files, trained, tmp_path):
+    out = tmp_path / "cut"
+    summary = _run(tiny_sft, pair_files, out, stop_after=5)
+    assert summary["done"] is False
+    with pytest.raises(MinidpoError, match="not normalised"):
+        load_reward_model(out / "checkpoint.pt")
+    _run(tiny_sft, pair_files, out)
+    full = load_checkpoint(trained[0] / "checkpoint.pt")
+    resumed = load_checkpoint(out / "checkpoint.pt")
+    for k in full["model"]:
+        torch.testing.assert_close(resumed["model"][k], full["model"][k], atol=0, rtol=0)
+    assert resumed["normalization"] == full["normalization"]
+
+
+def test_margin_option_needs_scores(tiny_sft, tmp_path):
+    pairs = [PreferencePair(p.prompt, p.chosen, p.rejected) for p in _pairs("train", 4)]
+    files = (save_pairs(tmp_path / "t.jsonl", pairs), save_pairs(tmp_path / "e.jsonl", pairs))
+    with pytest.raises(MinidpoError, match=r"t\.jsonl: pair 1 has no score"):
+        _run(tiny_sft, files, tmp_path / "rm", margin=True)
+
+
+def test_reward_model_scores_an_unterminated_response_at_its_last_token():
+    torch.manual_seed(0)
+    body = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_embd=8))
+    tok = train_bpe(["Hi?\nab"], 257)  # bytes only, and end-of-text = 256
+    rm = RewardModel(ScalarHeadModel(body), tok, gain=2.0, bias=1.0)
+    s = Sample("Hi?", "ab", [97, 98], terminated=False)
+    prompt = tok.encode("Hi?\n")
+    with torch.no_grad():
+        raw = rm.model(torch.tensor([[*prompt, 97, 98]]))[0, -1]
+    torch.testing.assert_close(rm.score([s]), (2.0 * raw + 1.0).reshape(1), atol=1e-5, rtol=0)
