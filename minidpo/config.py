@@ -110,9 +110,9 @@ class DPOConfig:
         "sigmoid", "sigmoid (DPO), ipo, hinge, robust; sigmoid + --label-smoothing = cDPO"
     )
     label_smoothing: float = _f(0.0, "label noise eps for conservative/robust DPO (0 <= eps < 0.5)")
-    steps: int = _f(300, "optimizer steps")
+    steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
-    lr: float = _f(3e-4, "peak learning rate (AdamW)")
+    lr: float = _f(1e-4, "peak learning rate (AdamW)")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
     warmup_steps: int = _f(20, "linear warmup steps")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
