@@ -125,8 +125,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from minidpo.oracle import reward_breakdown
 
+    from minidpo.oracle import RULE_VALUES
+
     b = reward_breakdown(args.prompt, args.response, terminated=not args.unterminated)
-    print(b)
+    for sentence, rule in b.labels:
+        print(f"{RULE_VALUES[rule]:+.2f}  {rule:<12} {sentence}")
+    if b.unterminated:
+        print(f"{RULE_VALUES['unterminated']:+.2f}  unterminated (no end-of-text)")
+    clipped = "" if b.raw == b.total else f" (sum {b.raw:+.2f}, clipped)"
+    print(f"oracle reward {b.total:+.2f}{clipped}")
     return 0
 
 
