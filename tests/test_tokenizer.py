@@ -298,3 +298,22 @@ def test_bad_merges_in_constructor_raise() -> None:
     for merges in [{(97, 98): 257}, {(97, 300): 256}, {(97, 98): 256, (256, 99): 256}]:
         with pytest.raises(MinidpoError):
             Tokenizer(merges)
+
+
+def test_world_corpus_ids_identical_and_round_trip() -> None:
+    """The project's real tokenizer (the cpu preset's 768 tokens) on the world's whole corpus,
+    and on demonstrations built from it: tiktoken and the pure-Python encoder agree."""
+    import numpy as np
+
+    from minidpo.world import format_prompt, load_world, sample_demonstrations
+
+    world = load_world()
+    corpus = world.corpus()
+    tok = train_bpe(corpus, 768)
+    demos = sample_demonstrations(world, 200, np.random.default_rng(0))
+    texts = [*corpus, *(format_prompt(d.prompt) + d.response for d in demos)]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == tok.encode_slow(text), text
+        assert tok.decode(ids) == text
+    assert tok.encode(" ".join(corpus)) == tok.encode_slow(" ".join(corpus))
