@@ -123,9 +123,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from minidpo.oracle import reward_breakdown
-
-    from minidpo.oracle import RULE_VALUES
+    from minidpo.oracle import RULE_VALUES, reward_breakdown
 
     b = reward_breakdown(args.prompt, args.response, terminated=not args.unterminated)
     for sentence, rule in b.labels:
