@@ -48,6 +48,13 @@ class TabularPPOResult:
     kl_optimum_to_ref: float  # mean over prompts of KL(pi* || pi_ref)
 
 
+def log_softmax(theta: torch.Tensor) -> torch.Tensor:
+    """log softmax over the last axis, as theta - logsumexp(theta). (Same numbers as
+    ``torch.log_softmax``, whose CPU kernel splits even a (3, 20) table across threads,
+    which costs milliseconds per call on a busy machine.)"""
+    return theta - torch.logsumexp(theta, dim=-1, keepdim=True)
+
+
 def fit_tabular_ppo(
     problem: ExactProblem,
     beta: float,
@@ -62,7 +69,7 @@ def fit_tabular_ppo(
     """Train a tabular softmax policy, initialised at pi_ref, with PPO; see the module doc."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    P, R, N = problem.n_prompts, problem.n_responses, samples_per_prompt
+    P, N = problem.n_prompts, samples_per_prompt
     if N < 2:
         raise ValueError("samples_per_prompt must be >= 2 for the leave-one-out baseline")
     log_pi_star, _ = optimal_policy(problem.log_pi_ref, problem.reward, beta)  # Eq. 4
@@ -75,7 +82,7 @@ def fit_tabular_ppo(
     mask = torch.ones(P * N, 1, dtype=torch.float64)  # (B, 1): one action per episode
 
     def kl_to_opt() -> float:
-        log_pi = torch.log_softmax(theta.detach(), dim=-1).numpy()
+        log_pi = log_softmax(theta.detach()).numpy()
         return float(np.mean(kl(log_pi, log_pi_star)))
 
     history = [kl_to_opt()]
@@ -83,7 +90,7 @@ def fit_tabular_ppo(
         for g in opt.param_groups:
             g["lr"] = lr * (1.0 - it / iterations)  # linear decay to 0
         with torch.no_grad():
-            log_pi = torch.log_softmax(theta, dim=-1)  # (P, R)
+            log_pi = log_softmax(theta)  # (P, R)
             y = torch.multinomial(log_pi.exp(), N, replacement=True, generator=gen)  # (P, N)
             y = y.reshape(-1)  # (B,)
             old_logp = log_pi[rows, y][:, None]  # (B, 1)
@@ -94,13 +101,13 @@ def fit_tabular_ppo(
             loo = (per_prompt.sum(1, keepdim=True) - per_prompt) / (N - 1)  # (P, N) baseline
             adv = whiten((per_prompt - loo).reshape(-1, 1), mask)  # (B, 1)
         for _ in range(ppo_epochs):
-            new_logp = torch.log_softmax(theta, dim=-1)[rows, y][:, None]  # (B, 1)
+            new_logp = log_softmax(theta)[rows, y][:, None]  # (B, 1)
             loss, _, _ = policy_loss(new_logp, old_logp, adv, mask, clip_range)  # PPO Eq. 7
             opt.zero_grad()
             loss.backward()
             opt.step()
         history.append(kl_to_opt())
-    log_pi = torch.log_softmax(theta.detach(), dim=-1).numpy()
+    log_pi = log_softmax(theta.detach()).numpy()
     return TabularPPOResult(
         log_pi=log_pi,
         kl_to_optimum=history,

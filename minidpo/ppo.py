@@ -19,7 +19,7 @@ PPO trainer):
 
 The value model is a `ScalarHeadModel`: initialised from the reward model's weights
 when `value_init` is given (as lm-human-preferences and TRL do), else the SFT body
-with a fresh head. Dropout stays off throughout (every model in eval mode), so the
+with a zero head. Dropout stays off throughout (every model in eval mode), so the
 log-probs of rollout and update agree (a point of "The N Implementation Details of
 RLHF with PPO", Huang et al. 2024).
 
@@ -92,7 +92,10 @@ class PPOConfig:
     rollout_batch: int = _f(64, "prompts per iteration, one response each")
     minibatch_size: int = _f(16, "responses per optimizer step")
     ppo_epochs: int = _f(4, "passes over each rollout batch")
-    lr: float = _f(1e-4, "Adam learning rate of policy and value model (constant)")
+    lr: float = _f(3e-5, "Adam learning rate of the policy (constant)")
+    value_lr: float = _f(
+        3e-4, "Adam learning rate of the value model (a separate network, so its own rate)"
+    )
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     kl_coef: float = _f(0.05, "beta: per-token KL penalty coefficient (initial one if adaptive)")
     adaptive_kl: bool = _f(False, "steer beta towards --kl-target (Ziegler et al. 2019)")
@@ -102,7 +105,9 @@ class PPOConfig:
     lam: float = _f(0.95, "GAE lambda (bias-variance trade-off of the advantages)")
     clip_range: float = _f(0.2, "PPO ratio clip epsilon (Eq. 7)")
     clip_range_value: float = _f(0.2, "value clip: how far a value may move from its rollout value")
-    vf_coef: float = _f(0.1, "weight of the value loss in the joint loss")
+    vf_coef: float = _f(
+        0.1, "weight of the value loss in the joint loss (Adam: acts through the joint clip)"
+    )
     temperature: float = _f(1.0, "rollout sampling temperature (log-probs use logits / T)")
     max_new_tokens: int = _f(64, "longest response in tokens")
     missing_eot_penalty: float = _f(
@@ -124,7 +129,14 @@ class PPOConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
-        for name in ("lr", "clip_range", "clip_range_value", "temperature", "kl_target"):
+        for name in (
+            "lr",
+            "value_lr",
+            "clip_range",
+            "clip_range_value",
+            "temperature",
+            "kl_target",
+        ):
             if not getattr(self, name) > 0:
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -176,11 +188,19 @@ def tempered_logprobs(
 def make_value_model(
     policy: GPT, value_init: dict[str, torch.Tensor] | None, seed: int
 ) -> ScalarHeadModel:
-    """A value model: the reward model's weights when given, else the SFT body + a new head."""
+    """A value model: the reward model's weights when given, else the SFT body + a zero head.
+
+    The zero head makes every first value 0, so the first advantages are the plain
+    (lam-discounted) rewards-to-go; a randomly initialised head would instead put value
+    noise of order 1 into every token's advantage (delta_t = V_{t+1} - V_t) while the
+    critic is still untrained, which drives the policy away from pi_ref without gain.
+    """
     gen = torch.Generator().manual_seed(int(seed))
     body = copy.deepcopy(policy).cpu()
     value = ScalarHeadModel(body, generator=gen)
-    if value_init is not None:
+    if value_init is None:
+        torch.nn.init.zeros_(value.head.weight)
+    else:
         try:
             value.load_state_dict(value_init)
         except RuntimeError as e:
@@ -283,8 +303,11 @@ def run_ppo(
     policy = policy.to(device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     value_model = make_value_model(policy, value_init, seed)
-    params = [*policy.parameters(), *value_model.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, eps=1e-5)  # eps 1e-5: N details, Sec. 2
+    groups = [
+        {"params": list(policy.parameters()), "lr": cfg.lr},
+        {"params": list(value_model.parameters()), "lr": cfg.value_lr},
+    ]
+    optimizer = torch.optim.Adam(groups, eps=1e-5)  # eps 1e-5, as the N details advise
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
@@ -516,7 +539,7 @@ def update(
             with torch.no_grad():
                 ratio = masked_mean(torch.exp(new_logp - roll.logprobs[idx]), mask)
             for k, v in zip(acc, (approxkl, clipfrac, pg, vf, vf_clipfrac, ratio), strict=True):
-                acc[k].append(float(v))
+                acc[k].append(float(v.detach()))
     mean = {k: float(np.mean(v)) for k, v in acc.items()}
     return {
         "policy/approxkl_avg": mean["approxkl"],

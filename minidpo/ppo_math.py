@@ -58,7 +58,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """
     T = mask.size(1)
     pos = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
-    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values  # (B,)
+    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).amax(dim=1)  # (B,)
 
 
 def kl_penalized_rewards(
