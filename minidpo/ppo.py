@@ -88,11 +88,11 @@ ScoreFn = Callable[[list[Sample]], torch.Tensor]
 class PPOConfig:
     """PPO against a reward (the reward model, or the oracle for PPO-GT)."""
 
-    iterations: int = _f(30, "PPO iterations (rollout, score, update)")
-    rollout_batch: int = _f(64, "prompts per iteration, one response each")
-    minibatch_size: int = _f(16, "responses per optimizer step")
-    ppo_epochs: int = _f(4, "passes over each rollout batch")
-    lr: float = _f(3e-5, "Adam learning rate of the policy (constant)")
+    iterations: int = _f(60, "PPO iterations (rollout, score, update)")
+    rollout_batch: int = _f(128, "prompts per iteration, one response each")
+    minibatch_size: int = _f(32, "responses per optimizer step")
+    ppo_epochs: int = _f(2, "passes over each rollout batch")
+    lr: float = _f(1e-4, "Adam learning rate of the policy (constant)")
     value_lr: float = _f(
         3e-4, "Adam learning rate of the value model (a separate network, so its own rate)"
     )
@@ -114,8 +114,8 @@ class PPOConfig:
         1.0, "subtracted from the score of a response without end-of-text"
     )
     whiten_rewards: bool = _f(False, "rescale per-token rewards to unit variance before GAE")
-    eval_every: int = _f(10, "held-out oracle reward and KL every N iterations (and at 0)")
-    eval_samples_per_prompt: int = _f(2, "samples per held-out prompt at each evaluation")
+    eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
+    eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
 
     def validate(self) -> None:
