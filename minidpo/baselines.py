@@ -30,14 +30,14 @@ import torch
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.config import _f, to_dict
-from minidpo.dpo import file_sha256, tokenize_pairs
+from minidpo.dpo import tokenize_pairs
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT
 from minidpo.policy import Sample, build_policy, sample_responses
 from minidpo.preferences import load_pairs
 from minidpo.sft import lm_loss
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, load_checkpoint, stage_status, train
+from minidpo.training import LoopConfig, file_sha256, load_checkpoint, stage_status, train
 
 ScoreFn = Callable[[Sequence[Sample]], torch.Tensor]
 """Scores a list of samples: list[Sample] (N) -> tensor (N,), higher is better."""

@@ -41,7 +41,7 @@ from minidpo.losses import check_loss_args, preference_loss
 from minidpo.policy import build_policy
 from minidpo.preferences import PreferencePair, load_pairs
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, load_checkpoint, stage_status, train
+from minidpo.training import LoopConfig, file_sha256, load_checkpoint, stage_status, train
 from minidpo.world import format_prompt
 
 
@@ -84,14 +84,6 @@ def tokenize_pairs(
                 f"{source}: pair {i + 1} needs {longest} tokens, the model's context is {block_size}"
             )
     return TokenizedPairs(prompts, chosen, rejected)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @torch.no_grad()

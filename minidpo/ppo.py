@@ -74,6 +74,7 @@ from minidpo.ppo_math import (
 from minidpo.tokenizer import Tokenizer
 from minidpo.training import (
     MetricsLog,
+    file_sha256,
     load_checkpoint,
     read_metrics,
     save_checkpoint,
@@ -222,15 +223,6 @@ def state_digest(state: dict[str, torch.Tensor] | None) -> str | None:
     return h.hexdigest()
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def evaluate(
     policy: GPT,
@@ -291,7 +283,7 @@ def run_ppo(
     stage_config = {
         "ppo": to_dict(cfg),
         "seed": seed,
-        "sft_sha256": file_digest(sft_path),
+        "sft_sha256": file_sha256(sft_path),
         "value_init_sha256": state_digest(value_init),
     }
     status = stage_status(ckpt_path, stage_config, force=force)

@@ -50,14 +50,21 @@ import torch.nn.functional as F
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.config import _f, to_dict
-from minidpo.dpo import TokenizedPairs, file_sha256, tokenize_pairs
+from minidpo.dpo import TokenizedPairs, tokenize_pairs
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.oracle import oracle_reward
 from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
 from minidpo.preferences import PreferencePair, load_pairs
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, load_checkpoint, save_checkpoint, stage_status, train
+from minidpo.training import (
+    LoopConfig,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+    stage_status,
+    train,
+)
 from minidpo.world import format_prompt, load_world
 
 

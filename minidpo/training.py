@@ -15,6 +15,7 @@ models here are small enough not to need them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -253,6 +254,15 @@ def train(
     last["wall_s"] = time.perf_counter() - t0
     last["tokens_per_s"] = tokens / max(last["wall_s"], 1e-9)
     return last
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the identity of a stage's input (pairs, checkpoints)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def stage_status(ckpt_path: str | Path, stage_config: dict[str, Any], *, force: bool) -> str:

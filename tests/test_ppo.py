@@ -8,12 +8,10 @@ import json
 import pytest
 import torch
 
-from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, resolve
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig, oracle_scores, run_ppo, tempered_logprobs
-from minidpo.sft import run_sft
 from minidpo.training import load_checkpoint, read_metrics
 
 TRL_NAMES = (
@@ -34,17 +32,9 @@ TRL_NAMES = (
 
 
 @pytest.fixture(scope="module")
-def sft_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    run = RunConfig(name="t", runs_dir=str(root), preset="tiny", device="cpu")
-    run_sft(
-        run,
-        resolve(TokenizerConfig, "tokenizer", "tiny", None),
-        resolve(ModelConfig, "model", "tiny", None),
-        resolve(SFTConfig, "sft", "tiny", None),
-        progress=False,
-    )
-    return root / "t" / "sft" / "checkpoint.pt"
+def sft_path(tiny_sft):
+    """The session's tiny SFT checkpoint (tests/conftest.py)."""
+    return tiny_sft
 
 
 def tiny_cfg(**overrides) -> PPOConfig:
