@@ -8,6 +8,10 @@
     minidpo dpo          DPO (or a member of its loss family) on the pairs
     minidpo eval         oracle reward, KL to the reference and win rate of a policy
     minidpo gravity      the seed card's "Explain gravity." worked example, number by number
+    minidpo rm           the Bradley-Terry reward model on the same pairs
+    minidpo ppo          PPO against the reward model (--reward oracle: PPO-GT)
+    minidpo preferred-ft SFT on the chosen responses only (a baseline of the paper)
+    minidpo best-of-n    N samples from SFT, keep the one the reward model scores highest
     minidpo demo         the main job on its default preset (what `make demo` runs)
 
 Bad input (an unknown flag or preset, a missing or corrupt file) prints one line
@@ -245,6 +249,125 @@ def _eval_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def _pairs_paths(run: RunConfig) -> tuple[Path, Path]:
+    prefs = run_dir(run) / "prefs"
+    return prefs / "train.jsonl", prefs / "eval.jsonl"
+
+
+def _rm_path(run: RunConfig, args: argparse.Namespace) -> Path:
+    return Path(args.rm) if args.rm else run_dir(run) / "rm" / "checkpoint.pt"
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from minidpo.reward_model import RewardModelConfig, run_reward_model
+
+    run = _run(args)
+    train_pairs, eval_pairs = _pairs_paths(run)
+    out = run_dir(run) / "rm"
+    s = run_reward_model(
+        sft_path=_sft_path(run, args),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        out_dir=out,
+        cfg=_cfg(RewardModelConfig, "rm", args),
+        seed=run.seed,
+        device=resolve_device(run.device),
+        force=run.force,
+    )
+    rep = s.get("report") or {}
+    print(
+        f"rm: {out / 'checkpoint.pt'} (held-out accuracy {rep.get('heldout_accuracy', 0):.1%}, "
+        f"Spearman with the oracle {rep.get('spearman', float('nan')):.3f})"
+    )
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace) -> int:
+    from minidpo.ppo import PPOConfig, oracle_scores, run_ppo
+    from minidpo.reward_model import load_reward_model
+
+    run = _run(args)
+    cfg = _cfg(PPOConfig, "ppo", args)
+    cfg.validate()
+    device = resolve_device(run.device)
+    if args.reward == "oracle":
+        score_fn, value_init = oracle_scores, None
+    else:
+        rm = load_reward_model(_rm_path(run, args), device)
+        score_fn, value_init = rm.score, rm.model.state_dict()
+    out = run_dir(run) / f"ppo-{args.reward}-kl{cfg.kl_coef:g}"
+    s = run_ppo(
+        sft_path=_sft_path(run, args),
+        out_dir=out,
+        cfg=cfg,
+        score_fn=score_fn,
+        seed=run.seed,
+        device=device,
+        value_init=value_init,
+        force=run.force,
+    )
+    print(
+        f"ppo: {out / 'checkpoint.pt'} (held-out oracle reward {s['eval_oracle']:+.3f} "
+        f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)"
+    )
+    return 0
+
+
+def cmd_preferred_ft(args: argparse.Namespace) -> int:
+    from minidpo.baselines import PreferredFTConfig, run_preferred_ft
+
+    run = _run(args)
+    train_pairs, eval_pairs = _pairs_paths(run)
+    out = run_dir(run) / "preferred-ft"
+    s = run_preferred_ft(
+        sft_path=_sft_path(run, args),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        out_dir=out,
+        cfg=_cfg(PreferredFTConfig, "preferred_ft", args),
+        seed=run.seed,
+        device=resolve_device(run.device),
+        force=run.force,
+    )
+    print(
+        f"preferred-ft: {out / 'checkpoint.pt'} (train loss {s.get('train/loss', float('nan')):.4f})"
+    )
+    return 0
+
+
+def cmd_best_of_n(args: argparse.Namespace) -> int:
+    from minidpo.atomic import atomic_write_json
+    from minidpo.baselines import best_of_n
+    from minidpo.evaluate import summarize
+    from minidpo.oracle import reward_breakdown
+    from minidpo.policy import load_policy
+    from minidpo.ppo import oracle_scores
+    from minidpo.reward_model import load_reward_model
+    from minidpo.world import load_world
+
+    run = _run(args)
+    cfg = _cfg(EvalConfig, "eval", args)
+    device = resolve_device(run.device)
+    policy, tok = load_policy(_sft_path(run, args), device)
+    score_fn = (
+        oracle_scores
+        if args.reward == "oracle"
+        else load_reward_model(_rm_path(run, args), device).score
+    )
+    prompts = [p.text for p in load_world().prompts("eval") for _ in range(cfg.samples_per_prompt)]
+    samples = best_of_n(
+        policy, tok, prompts, n=args.n, score_fn=score_fn, seed=run.seed + 12345,
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+    )  # fmt: skip
+    b = [reward_breakdown(x.prompt, x.response, terminated=x.terminated) for x in samples]
+    result = summarize(samples, [x.total for x in b], [x.unparseable > 0 for x in b], None, None)
+    out = run_dir(run) / f"best-of-{args.n}-{args.reward}" / "eval.json"
+    atomic_write_json(out, {"n": args.n, "reward": args.reward, **result.to_dict()})
+    print(_eval_table({f"best-of-{args.n} ({args.reward})": result}))
+    print(f"best-of-n: {out}")
+    return 0
+
+
 def cmd_gravity(args: argparse.Namespace) -> int:
     from minidpo.gravity import compute, load_example, render
 
@@ -339,6 +462,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", help=SFT_HELP)
     p.add_argument("--ref", help="reference policy for KL and win rate (default: the SFT)")
     p.add_argument("--out", help="JSON output (default: eval.json beside the checkpoint)")
+    from minidpo.baselines import PreferredFTConfig
+    from minidpo.ppo import PPOConfig
+    from minidpo.reward_model import RewardModelConfig
+
+    rm_help = "reward-model checkpoint (default: the run's runs/<name>/rm/checkpoint.pt)"
+    p = add("rm", cmd_rm, "train the Bradley-Terry reward model on the run's pairs",
+            [(RewardModelConfig, "rm")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p = add("ppo", cmd_ppo, "PPO against the reward model, or the oracle (PPO-GT)",
+            [(PPOConfig, "ppo")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p.add_argument("--rm", help=rm_help)
+    p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
+                   help="rm: the reward model (RLHF); oracle: r* itself (PPO-GT)")  # fmt: skip
+    p = add("preferred-ft", cmd_preferred_ft, "SFT on the chosen responses of the pairs",
+            [(PreferredFTConfig, "preferred_ft")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p = add("best-of-n", cmd_best_of_n, "N SFT samples per prompt, the best by the reward model",
+            [(EvalConfig, "eval")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p.add_argument("--rm", help=rm_help)
+    p.add_argument("--n", type=int, default=16, help="candidates per prompt (default: 16)")
+    p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
+                   help="which reward picks the best candidate")  # fmt: skip
     p = sub.add_parser("gravity", help="the seed card's worked example, number by number")
     p.add_argument("--example", help="example JSON (default: data/gravity_example.json)")
     p.set_defaults(handler=cmd_gravity, preset=None)

@@ -115,3 +115,26 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         main(["eval", *common, "--checkpoint", str(run / "dpo-sigmoid-beta0.1/checkpoint.pt")]) == 0
     )
     assert (run / "dpo-sigmoid-beta0.1" / "eval.json").exists()
+
+
+def test_rlhf_commands_on_tiny(tmp_path, capsys, tiny_sft):
+    common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu",
+              "--sft", str(tiny_sft)]  # fmt: skip
+    assert main(["prefs", *common]) == 0
+    assert main(["rm", *common]) == 0
+    rm = tmp_path / "default" / "rm" / "checkpoint.pt"
+    assert main(["ppo", *common]) == 0
+    assert main(["ppo", *common, "--reward", "oracle"]) == 0
+    assert main(["preferred-ft", *common]) == 0
+    assert main(["best-of-n", *common, "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "best-of-2 (rm)" in out and "preferred-ft:" in out
+    for d in ("ppo-rm-kl0.05", "ppo-oracle-kl0.05", "preferred-ft", "best-of-2-rm"):
+        assert (tmp_path / "default" / d).is_dir(), d
+    # a reward model where a policy is expected, and the reverse: one line, exit 2
+    assert main(["sample", *common[:-2], "--checkpoint", str(rm)]) == 2
+    assert "expected 'policy'" in _err_lines(capsys)[-1]
+    assert main(["ppo", *common, "--rm", str(tiny_sft)]) == 2
+    assert "expected 'reward_model'" in _err_lines(capsys)[-1]
+    assert main(["ppo", *common, "--kl-coef", "0"]) == 2
+    assert "--kl-coef" in _err_lines(capsys)[-1]
