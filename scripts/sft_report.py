@@ -58,9 +58,6 @@ def main() -> None:
         }
 
     report = {"sft_samples": stats(sft), "demonstrations": stats(dem)}
-    report["sft_samples"]["unterminated_share"] = float(
-        np.mean([not s.terminated for s in samples])
-    )
     reward_histogram(
         {"demonstrations": [x.total for x in dem], "SFT samples": [x.total for x in sft]},
         out / "sft_rewards.png",
