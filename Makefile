@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format clean
+.PHONY: demo test test-fast lint format lessons clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: $(STAMP) lint  ## set up, then run every test
 
 test-fast: $(STAMP)  ## skip the slow tests
 	$(PY) -m pytest -q -m "not slow"
+
+lessons: $(STAMP)  ## re-execute every lesson notebook in place (outputs kept)
+	$(PY) scripts/lessons.py run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check minidpo tests scripts
