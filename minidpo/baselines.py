@@ -57,6 +57,7 @@ class PreferredFTConfig:
     eval_every: int = _f(50, "held-out loss on the chosen responses every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
     resume: bool = _f(False, "continue from the run's last Preferred-FT checkpoint")
+    snapshot_every: int = _f(0, "save the weights every N steps for the frontier (0: off)")
 
 
 def chosen_data(
@@ -154,6 +155,7 @@ def run_preferred_ft(
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
+        snapshot_every=cfg.snapshot_every,
     )
     summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_p)}
     if load_checkpoint(out_dir / "checkpoint.pt")["done"]:

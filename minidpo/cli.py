@@ -414,6 +414,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context(args: argparse.Namespace):
+    """A pipeline Context from the flags: every stage group resolved for the preset."""
+    from minidpo.pipeline import GROUPS, Context, check_force
+
+    run = _run(args)
+    cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
+    cfg["ppo"].validate()
+    forced = check_force(args.force or [])
+    return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """Every stage in order, each skipped when done; --sweep adds the frontier sweep."""
+    from minidpo.pipeline import run_pipeline, run_sweep
+    from minidpo.report import summary_text
+
+    ctx = _context(args)
+    t0 = time.perf_counter()
+    run_pipeline(ctx)
+    if args.sweep:
+        run_sweep(ctx)
+    print()
+    print(summary_text(ctx.folder))
+    print(f"wall time {time.perf_counter() - t0:.0f} s; stages: {ctx.folder / 'stages'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    args.sweep = True
+    return cmd_pipeline(args)
+
+
 Handler = Callable[[argparse.Namespace], int]
 STAGE_GROUPS = [
     (TokenizerConfig, "tokenizer"),
@@ -492,6 +524,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the main job: SFT, pairs, DPO, then SFT vs DPO side by side",
             [*STAGE_GROUPS, (PrefsConfig, "prefs"), (DPOConfig, "dpo"), (EvalConfig, "eval")],
             prefixed=("sft", "prefs", "dpo", "eval"))  # fmt: skip
+    from minidpo.pipeline import GROUPS, STAGE_NAMES
+
+    for name, handler, help_ in (
+        ("pipeline", cmd_pipeline, "every stage in order, then the evaluation, plots and report"),
+        ("sweep", cmd_sweep, "the pipeline, then the reward-KL frontier sweep (seeds x settings)"),
+    ):
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_dataclass_args(p, RunConfig, "run", skip=("force",))
+        for group, cls in GROUPS.items():
+            prefix = "" if group == "pipeline" else f"{group}_"
+            add_dataclass_args(p, cls, group, prefix)
+        p.add_argument("--force", action="append", metavar="STAGE",
+                       help=f"rerun this stage (repeatable): {', '.join(STAGE_NAMES)}")  # fmt: skip
+        if name == "pipeline":
+            p.add_argument("--sweep", action="store_true", help="also run the frontier sweep")
+        p.set_defaults(handler=handler, prefixed=tuple(g for g in GROUPS if g != "pipeline"))
     p = sub.add_parser("score", help="the oracle reward of a response, rule by rule")
     p.add_argument("prompt", help='e.g. "Explain gravity."')
     p.add_argument("response", help="the response text")

@@ -120,6 +120,7 @@ class DPOConfig:
     eval_every: int = _f(50, "held-out pair metrics every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
     resume: bool = _f(False, "continue from the run's last DPO checkpoint")
+    snapshot_every: int = _f(0, "save the weights every N steps for the frontier (0: off)")
 
 
 @dataclass
@@ -174,6 +175,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_every": 5,
             "ckpt_every": 5,
         },
+        "pipeline": {
+            "best_of_n": 4,
+            "best_of_n_samples_per_prompt": 1,
+            "frontier_samples_per_prompt": 1,
+            "seeds": 2,
+            "sweep_dpo_betas": "0.1,0.5",
+            "sweep_ppo_kl_coefs": "0.05",
+        },
     },
     "cpu": {},
     "gpu": {
@@ -185,13 +194,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def add_dataclass_args(
-    parser: argparse.ArgumentParser, cls: type, group: str, prefix: str = ""
+    parser: argparse.ArgumentParser,
+    cls: type,
+    group: str,
+    prefix: str = "",
+    skip: tuple[str, ...] = (),
 ) -> None:
     """Add one flag per field of dataclass `cls`; defaults are left unset so `resolve` can
     tell what the user typed from what a preset or the dataclass supplies. A command that
     runs several stages prefixes their flags (``prefix="dpo_"``: ``--dpo-steps``)."""
     g = parser.add_argument_group(group, cls.__doc__)
     for f in fields(cls):
+        if f.name in skip:
+            continue
         name = prefix + f.name
         flag = "--" + name.replace("_", "-")
         help_ = f"{f.metadata.get('help', '')} (default: {f.default})"

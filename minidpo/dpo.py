@@ -232,6 +232,7 @@ def run_dpo(
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
+        snapshot_every=cfg.snapshot_every,
     )
     summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_data)}
     if stop_after is None:

@@ -120,11 +120,13 @@ def evaluate_policy(
     ref: GPT | None = None,
     temperature: float = 1.0,
     max_new_tokens: int = 64,
+    ref_rewards: Sequence[float] | None = None,
 ) -> tuple[EvalResult, list[Sample], list[float]]:
     """Sample, score and summarise a policy; with `ref`, also KL and win rate against it.
 
     Returns (result, samples, oracle rewards). The reference is sampled with the
-    same seeds, so sample i of both answers the same prompt.
+    same seeds, so sample i of both answers the same prompt; pass `ref_rewards` (the
+    oracle rewards of that very call on the reference) to skip sampling it again.
     """
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     kw = dict(seed=seed, temperature=temperature, max_new_tokens=max_new_tokens)
@@ -132,14 +134,21 @@ def evaluate_policy(
     breakdowns = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in samples]
     rewards = [b.total for b in breakdowns]
     unparseable = [b.unparseable > 0 for b in breakdowns]
-    log_ratios = ref_rewards = None
-    if ref is not None:
+    log_ratios = None
+    if ref is None:
+        ref_rewards = None
+    else:
         log_ratios = (
             sample_logprobs(model, tok, samples) - sample_logprobs(ref, tok, samples)
         ).tolist()
-        ref_samples = sample_responses(ref, tok, expanded, **kw)
-        ref_rewards = [
-            reward_breakdown(s.prompt, s.response, terminated=s.terminated).total
-            for s in ref_samples
-        ]
+        if ref_rewards is None:
+            ref_samples = sample_responses(ref, tok, expanded, **kw)
+            ref_rewards = [
+                reward_breakdown(s.prompt, s.response, terminated=s.terminated).total
+                for s in ref_samples
+            ]
+        elif len(ref_rewards) != len(samples):
+            raise ValueError(
+                f"ref_rewards has {len(ref_rewards)} values for {len(samples)} samples"
+            )
     return summarize(samples, rewards, unparseable, log_ratios, ref_rewards), samples, rewards

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ from minidpo.training import (
     load_checkpoint,
     read_metrics,
     save_checkpoint,
+    save_snapshot,
     stage_status,
 )
 from minidpo.world import load_world
@@ -118,6 +120,7 @@ class PPOConfig:
     eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
     eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
+    snapshot_every: int = _f(0, "save the weights every N iterations for the frontier (0: off)")
 
     def validate(self) -> None:
         """Raise MinidpoError naming the flag of the first bad value."""
@@ -262,6 +265,7 @@ def run_ppo(
     seed: int,
     device: torch.device | str = "cpu",
     value_init: dict[str, torch.Tensor] | None = None,
+    prompts: Sequence[str] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
     force: bool = False,
@@ -276,6 +280,9 @@ def run_ppo(
     so a resumed run ends with the weights of an uninterrupted one); another
     configuration is refused unless `force`. `stop_after` ends the call after that many
     iterations, as if killed. `score_fn` is not part of the key: use one out_dir per reward.
+    `prompts` replaces the world's training prompts (each must fit the context with
+    `max_new_tokens` to spare). With ``snapshot_every``, the policy's weights are also
+    saved every that many iterations under ``snapshots/`` (the frontier's points).
     """
     cfg.validate()
     out_dir, device = Path(out_dir), torch.device(device)
@@ -285,6 +292,9 @@ def run_ppo(
         "seed": seed,
         "sft_sha256": file_sha256(sft_path),
         "value_init_sha256": state_digest(value_init),
+        "prompts_sha256": None
+        if prompts is None
+        else hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
     }
     status = stage_status(ckpt_path, stage_config, force=force)
     if status == "done" and (out_dir / "summary.json").exists():
@@ -305,7 +315,7 @@ def run_ppo(
         if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )
-    start = 0
+    start, tokens_fwd, tokens_bwd, elapsed = 0, 0, 0, 0.0
     if status in ("resume", "done"):  # "done" without a summary: rebuild the summary
         ckpt = load_checkpoint(ckpt_path, kind="policy")
         policy.load_state_dict(ckpt["model"])
@@ -313,13 +323,26 @@ def run_ppo(
         optimizer.load_state_dict(ckpt["optimizer"])
         kl_ctl.value = float(ckpt["kl_coef"])
         start = int(ckpt["step"])
+        tokens_fwd, tokens_bwd = (
+            int(ckpt.get("tokens_forward", 0)),
+            int(ckpt.get("tokens_backward", 0)),
+        )
+        elapsed = float(ckpt.get("elapsed_s", 0.0))
+    else:
+        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)  # a fresh run's own
     for m in (policy, ref, value_model):
         m.eval()  # dropout off: rollout and update see the same distribution
 
     world = load_world()
-    train_prompts = [p.text for p in world.prompts("train")]
+    train_prompts = (
+        list(prompts) if prompts is not None else [p.text for p in world.prompts("train")]
+    )
     eval_prompts = [p.text for p in world.prompts("eval")]
     block = policy.config.block_size
+    if not train_prompts:
+        raise MinidpoError("PPO needs at least one training prompt")
+    for p in train_prompts:
+        encode_prompt(tok, p, block, cfg.max_new_tokens)  # fail now, not mid-run
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start)
     eval_seed = int(np.random.SeedSequence([seed, 7]).generate_state(1)[0])
 
@@ -329,21 +352,28 @@ def run_ppo(
             seed=eval_seed, max_new_tokens=cfg.max_new_tokens,
         )  # fmt: skip
 
+    policy_extra = {
+        "kind": "policy",
+        "stage": "ppo",
+        "model_config": sft["model_config"],
+        "tokenizer": tok.to_dict(),
+        "stage_config": stage_config,
+    }
+
     def checkpoint(step: int, done: bool) -> None:
         save_checkpoint(
             ckpt_path,
             {
-                "kind": "policy",
-                "stage": "ppo",
-                "model_config": sft["model_config"],
-                "tokenizer": tok.to_dict(),
+                **policy_extra,
                 "model": policy.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "done": done,
-                "stage_config": stage_config,
                 "value_model": value_model.state_dict(),
                 "kl_coef": kl_ctl.value,
+                "tokens_forward": tokens_fwd,
+                "tokens_backward": tokens_bwd,
+                "elapsed_s": elapsed + time.perf_counter() - t_run,
             },
         )
 
@@ -359,11 +389,20 @@ def run_ppo(
             score_fn=score_fn, seed=seed, device=device,
         )  # fmt: skip
         done_iters = reached = it + 1
+        tokens_fwd += row["tokens/forward"]
+        tokens_bwd += row["tokens/backward"]
         if done_iters % cfg.eval_every == 0 or done_iters == cfg.iterations:
             t0 = time.perf_counter()
             row.update(run_eval())
             row["time/eval"] = time.perf_counter() - t0
+        row.update(
+            tokens_forward=tokens_fwd,
+            tokens_backward=tokens_bwd,
+        )
+        row["time/elapsed"] = elapsed + time.perf_counter() - t_run
         log.log(row)
+        if cfg.snapshot_every and done_iters % cfg.snapshot_every == 0:
+            save_snapshot(out_dir, policy_extra, policy, done_iters, row["time/elapsed"])
         bar.set_postfix(
             score=f"{row['objective/scores']:+.2f}", kl=f"{row['objective/kl']:.2f}",
             oracle=f"{row['objective/oracle']:+.2f}",
@@ -394,6 +433,8 @@ def run_ppo(
         "rollout_kl": iters[-1]["objective/kl"] if iters else None,
         "kl_coef": kl_ctl.value,
         "wall_s": wall,
+        "tokens_forward": tokens_fwd,
+        "tokens_backward": tokens_bwd,
         "time_per_iteration": {
             k: float(np.mean([r[k] for r in iters])) if iters else None
             for k in ("time/rollout", "time/scoring", "time/update")
@@ -435,6 +476,7 @@ def ppo_iteration(
     prompt_ids = [encode_prompt(tok, p, block, cfg.max_new_tokens) for p in chosen]
     batch = build_batch(prompt_ids, [s.response_ids for s in samples], pad_id=tok.eot_id)
     batch = batch.to(device)
+    n_tok = int(batch.n_tokens)  # real (unpadded) tokens of the rollout sequences
     mask = batch.mask  # (B, T)
     with torch.no_grad():
         logprobs, entropy = tempered_logprobs(
@@ -489,6 +531,9 @@ def ppo_iteration(
         "time/rollout": t_rollout,
         "time/scoring": t_scoring,
         "time/update": t_update,
+        # sampling + policy/ref/value log-probs (+ a learned scorer) + per epoch policy and value
+        "tokens/forward": n_tok * (1 + 3 + (score_fn is not oracle_scores) + 2 * cfg.ppo_epochs),
+        "tokens/backward": n_tok * 2 * cfg.ppo_epochs,
     }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -177,6 +178,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    snapshot_every: int = 0,
 ) -> dict[str, float]:
     """Run the shared loop; returns the last logged metrics.
 
@@ -186,17 +188,25 @@ def train(
     checkpoint holds model, optimizer, step and `checkpoint_extra` (config,
     tokenizer, ...); it is rewritten every `ckpt_every` steps and at the end with
     ``done=True``. `stop_after` ends the loop early (as if killed) after that many
-    steps, for the resume tests.
+    steps, for the resume tests. `snapshot_every` > 0 also saves the weights every that
+    many steps to ``snapshots/step-NNNNNN.pt`` beside the checkpoint (a loadable
+    checkpoint without the optimizer), for evaluating the policy along training.
+    Each row logs ``tokens`` (cumulative tokens through forward and backward) and
+    ``time/elapsed`` (cumulative training seconds, carried across a resume).
     """
     ckpt_path = Path(ckpt_path)
     optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
-    start = 0
+    start, tokens_before, elapsed_before = 0, 0, 0.0
     if loop.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["step"])
+        tokens_before = int(ckpt.get("tokens", 0))
+        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
     log = MetricsLog(metrics_path, resume_step=start)
+    if start == 0:
+        shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
 
     def checkpoint(step: int, done: bool) -> None:
         save_checkpoint(
@@ -207,6 +217,8 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "done": done,
+                "tokens": tokens_before + tokens,
+                "elapsed_s": elapsed_before + time.perf_counter() - t0,
             },
         )
 
@@ -239,8 +251,14 @@ def train(
             model.eval()
             with torch.no_grad():
                 row.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+        row["tokens"] = tokens_before + tokens
+        row["time/elapsed"] = elapsed_before + time.perf_counter() - t0
         log.log(row)
         last = row
+        if snapshot_every > 0 and done_steps % snapshot_every == 0:
+            save_snapshot(
+                ckpt_path.parent, checkpoint_extra, model, done_steps, row["time/elapsed"]
+            )
         elapsed = time.perf_counter() - t0
         bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         if done_steps == loop.steps:
@@ -254,6 +272,23 @@ def train(
     last["wall_s"] = time.perf_counter() - t0
     last["tokens_per_s"] = tokens / max(last["wall_s"], 1e-9)
     return last
+
+
+def save_snapshot(
+    out_dir: Path, extra: dict[str, Any], model: torch.nn.Module, step: int, elapsed_s: float
+) -> Path:
+    """Weights at `step` as ``<out_dir>/snapshots/step-NNNNNN.pt`` (loadable like the
+    checkpoint, without the optimizer): the points of the reward-KL frontier."""
+    path = Path(out_dir) / "snapshots" / f"step-{step:06d}.pt"
+    state = {k: v for k, v in extra.items() if k != "optimizer"}
+    state.update(model=model.state_dict(), step=step, done=True, elapsed_s=elapsed_s)
+    save_checkpoint(path, state)
+    return path
+
+
+def snapshots(out_dir: str | Path) -> list[Path]:
+    """The snapshots of a stage folder, in step order."""
+    return sorted((Path(out_dir) / "snapshots").glob("step-*.pt"))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,0 +1,240 @@
+"""The pipeline's evaluation: every method measured the same way, on the held-out prompts.
+
+* Final policies (SFT, DPO, PPO, PPO-GT, Preferred-FT) and Best-of-N: oracle
+  reward ± standard error, KL(pi || pi_ref) on the policy's own samples, win rate
+  against SFT on the same prompts and seeds (`minidpo.evaluate.evaluate_policy`).
+* Frontier points: every training snapshot, with fewer samples per prompt
+  (`PipelineConfig.frontier_samples_per_prompt`), as the paper's Figure 2 (left)
+  plots oracle reward against KL.
+* Best-of-N has no policy to take a log-ratio of; its KL to SFT is the closed form
+  log N - (N - 1)/N (an upper bound, Stiennon et al. 2020, Appendix; exact when
+  the N scores have no ties), which is what papers plot for it.
+* "Explain gravity.": a few responses of each method, the report's side-by-side.
+
+Everything is written to ``eval/results.json`` (and ``sweep/points.json`` for the
+sweep); the plots and the report read only those files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minidpo.atomic import atomic_write_json, atomic_write_jsonl
+from minidpo.evaluate import evaluate_policy, summarize
+from minidpo.oracle import reward_breakdown
+from minidpo.policy import Sample, build_policy, load_policy
+from minidpo.training import file_sha256, load_checkpoint, snapshots
+from minidpo.world import load_world
+
+if TYPE_CHECKING:
+    from minidpo.pipeline import Context
+
+GRAVITY = "Explain gravity."
+GRAVITY_SAMPLES = 2
+EVAL_SEED_OFFSET = 12345  # as `minidpo eval`: held-out sampling seeds differ from training's
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || pi) = log n - (n - 1)/n for a continuous score (upper bound with ties)."""
+    return math.log(n) - (n - 1) / n
+
+
+def _eval_prompts() -> list[str]:
+    return [p.text for p in load_world().prompts("eval")]
+
+
+def _oracle(samples: Sequence[Sample]) -> list[float]:
+    return [reward_breakdown(s.prompt, s.response, terminated=s.terminated).total for s in samples]
+
+
+def best_of_n_samples(ctx: Context) -> dict[str, Any]:
+    """Best-of-N selections (reward model picks) on the held-out prompts, written to
+    ``best-of-n/samples.jsonl``; plus the selections for "Explain gravity."."""
+    from minidpo.baselines import best_of_n
+    from minidpo.reward_model import load_reward_model
+
+    p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
+    policy, tok = load_policy(ctx.sft_path, ctx.device)
+    rm = load_reward_model(ctx.folder / "rm" / "checkpoint.pt", ctx.device)
+    prompts = [x for x in _eval_prompts() for _ in range(p.best_of_n_samples_per_prompt)]
+    prompts += [GRAVITY] * GRAVITY_SAMPLES
+    tokens = [0]
+
+    def score(candidates: Sequence[Sample]):
+        # each candidate went through the policy (sampling) and the reward model: 2 forwards
+        tokens[0] += 2 * sum(
+            len(tok.encode(s.prompt)) + 1 + len(s.response_ids) for s in candidates
+        )
+        return rm.score(candidates)
+
+    picked = best_of_n(policy, tok, prompts, n=p.best_of_n, score_fn=score,
+                       seed=ctx.run.seed + EVAL_SEED_OFFSET, temperature=ev.temperature,
+                       max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    rows = [{"prompt": s.prompt, "response": s.response, "terminated": s.terminated,
+             "n_tokens": len(s.response_ids), "oracle": r}
+            for s, r in zip(picked, _oracle(picked), strict=True)]  # fmt: skip
+    atomic_write_jsonl(ctx.folder / "best-of-n" / "samples.jsonl", rows)
+    n_gen = len(prompts) * p.best_of_n
+    return {"n": p.best_of_n, "selections": len(rows), "samples_generated": n_gen,
+            "tokens_forward": tokens[0], "tokens_backward": 0}  # fmt: skip
+
+
+def _unparseable(row: dict[str, Any]) -> bool:
+    b = reward_breakdown(row["prompt"], row["response"], terminated=row["terminated"])
+    return b.unparseable > 0
+
+
+def _point(result, **extra) -> dict[str, Any]:
+    return {"reward": result.reward_mean, "reward_se": result.reward_se,
+            "kl": result.kl_mean, "kl_se": result.kl_se, **extra}  # fmt: skip
+
+
+def evaluate_snapshots(
+    ctx: Context, folder: Path, method: str, setting: str, seed: int, ref, ref_rewards, tok
+) -> list[dict[str, Any]]:
+    """Frontier points of one training run: every snapshot, cached beside it by the hash
+    of the snapshot and the evaluation settings (an interrupted sweep resumes)."""
+    spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
+    ev = ctx.cfg["eval"]
+    eval_seed = ctx.run.seed + EVAL_SEED_OFFSET
+    points = []
+    for snap in snapshots(folder):
+        key = hashlib.sha256(
+            f"{file_sha256(snap)} {spp} {ev.temperature} {ev.max_new_tokens} {eval_seed}".encode()
+        ).hexdigest()
+        cache = snap.with_suffix(".eval.json")
+        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+            points.append(json.loads(cache.read_text())["point"])
+            continue
+        ck = load_checkpoint(snap, kind="policy")
+        model = build_policy(ck)[0].to(ctx.device)
+        result, _, _ = evaluate_policy(
+            model, tok, _eval_prompts(), samples_per_prompt=spp, seed=eval_seed, ref=ref,
+            temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, ref_rewards=ref_rewards,
+        )  # fmt: skip
+        point = _point(result, method=method, setting=setting, seed=seed, step=int(ck["step"]),
+                       elapsed_s=float(ck.get("elapsed_s", 0.0)),
+                       win_rate=result.win_rate_vs_ref)  # fmt: skip
+        atomic_write_json(cache, {"key": key, "point": point})
+        points.append(point)
+    return points
+
+
+def _sft_reference(ctx: Context, samples_per_prompt: int):
+    """SFT (the reference) sampled once: its model, tokenizer, result and rewards."""
+    ev = ctx.cfg["eval"]
+    ref, tok = load_policy(ctx.sft_path, ctx.device)
+    result, samples, rewards = evaluate_policy(
+        ref, tok, _eval_prompts(), samples_per_prompt=samples_per_prompt,
+        seed=ctx.run.seed + EVAL_SEED_OFFSET, temperature=ev.temperature,
+        max_new_tokens=ev.max_new_tokens,
+    )  # fmt: skip
+    return ref, tok, result, samples, rewards
+
+
+def _gravity(model, tok, ctx: Context) -> list[dict[str, Any]]:
+    from minidpo.policy import sample_responses
+
+    ev = ctx.cfg["eval"]
+    out = sample_responses(model, tok, [GRAVITY] * GRAVITY_SAMPLES, seed=ctx.run.seed + 777,
+                           temperature=ev.temperature, max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    return [{"response": s.response, "terminated": s.terminated, "oracle": r}
+            for s, r in zip(out, _oracle(out), strict=True)]  # fmt: skip
+
+
+def evaluate_all(ctx: Context) -> dict[str, Any]:
+    """Evaluate every method of the pipeline; writes ``eval/results.json``."""
+    from minidpo.pipeline import _policy_dirs
+
+    ev, p = ctx.cfg["eval"], ctx.cfg["pipeline"]
+    ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
+    final = {"SFT": sft_result.to_dict()}
+    rewards = {"SFT": sft_rewards}
+    gravity = {"SFT": _gravity(ref, tok, ctx)}
+    for method, folder in _policy_dirs(ctx).items():
+        model, _ = load_policy(folder / "checkpoint.pt", ctx.device)
+        result, _, r = evaluate_policy(
+            model, tok, _eval_prompts(), samples_per_prompt=ev.samples_per_prompt,
+            seed=ctx.run.seed + EVAL_SEED_OFFSET, ref=ref, temperature=ev.temperature,
+            max_new_tokens=ev.max_new_tokens, ref_rewards=sft_rewards,
+        )  # fmt: skip
+        final[method], rewards[method] = result.to_dict(), r
+        gravity[method] = _gravity(model, tok, ctx)
+
+    bon = [json.loads(x) for x in (ctx.folder / "best-of-n" / "samples.jsonl").open()]
+    bon_eval = bon[: len(bon) - GRAVITY_SAMPLES]  # the last rows answer "Explain gravity."
+    k, spp = p.best_of_n_samples_per_prompt, ev.samples_per_prompt
+    # pair selection j of prompt i with SFT sample j of prompt i (same prompt, paired seeds)
+    paired = (
+        [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(bon_eval))] if k <= spp else None
+    )
+    fake = [
+        Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in bon_eval
+    ]
+    bon_result = summarize(fake, [x["oracle"] for x in bon_eval],
+                           [_unparseable(x) for x in bon_eval],
+                           None, paired)  # fmt: skip
+    name = f"Best-of-{p.best_of_n}"
+    final[name] = {**bon_result.to_dict(), "kl_mean": best_of_n_kl(p.best_of_n), "kl_se": 0.0,
+                   "kl_note": "closed form log N - (N-1)/N"}  # fmt: skip
+    rewards[name] = [x["oracle"] for x in bon_eval]
+    gravity[name] = [{"response": x["response"], "terminated": x["terminated"], "oracle": x["oracle"]}
+                     for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
+
+    # frontier points of the pipeline's own runs (one seed), SFT at the origin
+    frontier = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
+                       elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
+    if p.frontier_samples_per_prompt != ev.samples_per_prompt:
+        _, _, small, _, small_rewards = _sft_reference(ctx, p.frontier_samples_per_prompt)
+    else:
+        small, small_rewards = sft_result, sft_rewards
+    frontier[0].update(reward=small.reward_mean, reward_se=small.reward_se)
+    for method, folder in _policy_dirs(ctx).items():
+        frontier += evaluate_snapshots(ctx, folder, method, _setting(ctx, method), ctx.run.seed,
+                                       ref, small_rewards, tok)  # fmt: skip
+    frontier.append({"method": name, "setting": "", "seed": ctx.run.seed, "step": 0,
+                     "elapsed_s": 0.0, "reward": bon_result.reward_mean,
+                     "reward_se": bon_result.reward_se, "kl": best_of_n_kl(p.best_of_n),
+                     "kl_se": 0.0})  # fmt: skip
+    out = {
+        "prompts": "held-out",
+        "samples_per_prompt": ev.samples_per_prompt,
+        "final": final,
+        "rewards": {m: [round(x, 4) for x in r] for m, r in rewards.items()},
+        "frontier": frontier,
+        "gravity": gravity,
+        "reach_margin": p.reach_margin,
+    }
+    atomic_write_json(ctx.folder / "eval" / "results.json", out)
+    return {m: {"reward": r["reward_mean"], "kl": r["kl_mean"]} for m, r in final.items()}
+
+
+def _setting(ctx: Context, method: str) -> str:
+    if method == "DPO":
+        return f"beta={ctx.cfg['dpo'].beta:g}"
+    if method == "PPO":
+        return f"kl={ctx.cfg['ppo'].kl_coef:g}"
+    if method == "PPO-GT":
+        return f"kl={ctx.cfg['pipeline'].ppo_gt_kl_coef:g}"
+    return ""
+
+
+def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) -> list[dict]:
+    """Every snapshot of every sweep run; writes ``sweep/points.json``."""
+    from minidpo.pipeline import sweep_dir
+
+    spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
+    ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp)
+    points = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
+                     elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
+    for method, setting, value, seed in runs:
+        points += evaluate_snapshots(ctx, sweep_dir(ctx, method, value, seed), method, setting,
+                                     seed, ref, sft_rewards, tok)  # fmt: skip
+    atomic_write_json(ctx.folder / "sweep" / "points.json",
+                      {"samples_per_prompt": spp, "points": points})  # fmt: skip
+    return points

@@ -1,0 +1,395 @@
+"""The run's plots and its report, made from the files the pipeline wrote.
+
+Nothing here trains or samples: `make_plots` and `write_report` read
+``eval/results.json``, ``sweep/points.json`` (when the sweep ran), the stamps in
+``stages/`` and the training metrics, so a report can be rebuilt at any time.
+
+The frontier follows the paper's Figure 2 (left): oracle reward against
+KL(pi || pi_ref), one point per evaluated snapshot; with several seeds a point is
+the mean over seeds with its standard error on both axes. The upper frontier of a
+method is its Pareto front: going right along KL, the points that beat every
+point of the same method with less KL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minidpo.atomic import atomic_write_text
+from minidpo.evaluate import mean_se
+from minidpo.training import read_metrics
+
+METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT"]
+COLORS = {"SFT": "black", "DPO": "C0", "PPO": "C3", "PPO-GT": "C2", "Preferred-FT": "C4"}
+
+
+def _color(method: str) -> str:
+    return COLORS.get(method, "C1")  # Best-of-N
+
+
+def load_results(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "eval" / "results.json").read_text())
+
+
+def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
+    """Points of the frontier plot and where they come from: the sweep (mean ± se over
+    seeds) when it ran, else the pipeline's own single-seed run."""
+    sweep = folder / "sweep" / "points.json"
+    if sweep.exists():
+        raw = json.loads(sweep.read_text())["points"]
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for p in raw:
+            groups[(p["method"], p["setting"], p["step"])].append(p)
+        points = []
+        for (method, setting, step), ps in groups.items():
+            n = len(ps)
+            r_mean, r_se = mean_se([p["reward"] for p in ps])
+            k_mean, k_se = mean_se([p["kl"] for p in ps])
+            points.append({
+                "method": method, "setting": setting, "step": step, "seeds": n,
+                "reward": r_mean, "reward_se": r_se if n > 1 else ps[0]["reward_se"],
+                "kl": k_mean, "kl_se": k_se if n > 1 else (ps[0]["kl_se"] or 0.0),
+                "elapsed_s": float(np.mean([p["elapsed_s"] for p in ps])),
+            })  # fmt: skip
+        return points, f"sweep: mean ± se over {max(p['seeds'] for p in points)} seeds"
+    results = load_results(folder)
+    return [dict(p, seeds=1) for p in results["frontier"]], "one seed; bars: sampling se"
+
+
+def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The upper frontier: sorted by KL, each point that beats all points with less KL."""
+    front, best = [], -np.inf
+    for p in sorted(points, key=lambda p: (p["kl"], -p["reward"])):
+        if p["reward"] > best:
+            front.append(p)
+            best = p["reward"]
+    return front
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    from minidpo.plots import _save as save
+
+    return save(fig, path)
+
+
+def plot_frontier(folder: Path, path: Path) -> Path:
+    plt = _plt()
+    points, source = frontier_points(folder)
+    sft = [p for p in points if p["method"] == "SFT"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = [m for m in METHOD_ORDER if m != "SFT"]
+    methods += sorted({p["method"] for p in points} - set(METHOD_ORDER))
+    for m in methods:
+        ps = [p for p in points if p["method"] == m]
+        if not ps:
+            continue
+        c = _color(m)
+        ax.errorbar([p["kl"] for p in ps], [p["reward"] for p in ps],
+                    xerr=[p["kl_se"] or 0 for p in ps], yerr=[p["reward_se"] for p in ps],
+                    fmt="o", ms=4, color=c, alpha=0.55, elinewidth=0.8, label=m)  # fmt: skip
+        front = pareto(ps + sft)
+        ax.plot([p["kl"] for p in front], [p["reward"] for p in front], "-", color=c, lw=1.5)
+    for p in sft:
+        ax.errorbar([0], [p["reward"]], yerr=[p["reward_se"]], fmt="*", ms=12, color="black",
+                    label="SFT (reference)")  # fmt: skip
+    ax.set_xlabel("KL(π ‖ π_ref), nats per response (on the policy's own samples)")
+    ax.set_ylabel("oracle reward r*, mean over held-out samples")
+    ax.set_title(f"Reward-KL frontier (lines: upper frontier per method; {source})")
+    ax.axhline(sft[0]["reward"] if sft else 0, color="grey", lw=0.6, ls=":")
+    ax.legend(frameon=False, fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def _first(pattern: str, folder: Path) -> Path | None:
+    found = sorted(folder.glob(pattern))
+    return found[0] if found else None
+
+
+def plot_dpo_curves(folder: Path, path: Path) -> Path | None:
+    d = _first("dpo-*/metrics.jsonl", folder)
+    if d is None:
+        return None
+    rows = [r for r in read_metrics(d) if "train/rewards/margins" in r]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    steps = [r["step"] for r in rows]
+
+    def line(ax, key, label, **kw):
+        ax.plot(steps, [r[key] for r in rows], label=label, **kw)
+
+    line(axes[0], "train/rewards/chosen", "rewards/chosen  β log π/π_ref (chosen)")
+    line(axes[0], "train/rewards/rejected", "rewards/rejected")
+    line(axes[0], "train/rewards/margins", "margin (chosen − rejected)", color="k")
+    axes[0].set_title("implicit rewards (training batches)")
+    axes[0].set_ylabel("implicit reward (nats × β)")
+    line(axes[1], "train/logps/chosen", "log π(y_w|x)")
+    line(axes[1], "train/logps/rejected", "log π(y_l|x)")
+    axes[1].set_title("sequence log-probs: do the chosen fall?")
+    axes[1].set_ylabel("log-prob (nats)")
+    line(axes[2], "train/rewards/accuracies", "train")
+    ev = [r for r in rows if "eval/rewards/accuracies" in r]
+    axes[2].plot([r["step"] for r in ev], [r["eval/rewards/accuracies"] for r in ev], "o-",
+                 label="held-out")  # fmt: skip
+    axes[2].set_title("reward accuracy (margin > 0)")
+    axes[2].set_ylabel("share of pairs")
+    for ax in axes:
+        ax.set_xlabel("DPO step")
+        ax.legend(frameon=False, fontsize=7)
+    fig.suptitle(f"DPO training curves ({d.parent.name})")
+    return _save(fig, path)
+
+
+def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
+    runs = {p.parent.name: p for p in sorted(folder.glob("ppo-*/metrics.jsonl"))}
+    if not runs:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, (name, p) in enumerate(runs.items()):
+        rows = [r for r in read_metrics(p) if "objective/kl" in r]
+        it = [r["step"] for r in rows]
+        c = f"C{i + 2}"
+        if name.startswith("ppo-rm"):
+            axes[0].plot(it, [r["objective/scores"] for r in rows], "--", color=c,
+                         label=f"{name}: reward-model score")  # fmt: skip
+        axes[0].plot(it, [r["objective/oracle"] for r in rows], "-", color=c,
+                     label=f"{name}: oracle reward")  # fmt: skip
+        axes[1].plot(it, [r["objective/kl"] for r in rows], color=c, label=name)
+    axes[0].set_title("rollouts: what PPO optimises vs the truth")
+    axes[0].set_ylabel("reward (reward model normalised on SFT samples)")
+    axes[1].set_title("KL(π ‖ π_ref) of the rollouts")
+    axes[1].set_ylabel("nats per response")
+    for ax in axes:
+        ax.set_xlabel("PPO iteration")
+        ax.legend(frameon=False, fontsize=7)
+    return _save(fig, path)
+
+
+def plot_win_rates(folder: Path, path: Path) -> Path:
+    final = load_results(folder)["final"]
+    names = [m for m in final if final[m].get("win_rate_vs_ref") is not None]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    vals = [final[m]["win_rate_vs_ref"] for m in names]
+    ax.bar(names, vals, color=[_color(m) for m in names])
+    for x, v in enumerate(vals):
+        ax.text(x, v + 0.01, f"{v:.0%}", ha="center", fontsize=8)
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate vs SFT (oracle reward; ties ½)")
+    ax.set_title("Win rate against SFT, same held-out prompts")
+    return _save(fig, path)
+
+
+def plot_reward_distributions(folder: Path, path: Path) -> Path:
+    rewards = load_results(folder)["rewards"]
+    plt = _plt()
+    names = list(rewards)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3), sharey=True)
+    bins = np.arange(-3.125, 3.2, 0.25)
+    for ax, m in zip(np.atleast_1d(axes), names, strict=True):
+        r = np.asarray(rewards[m])
+        ax.hist(r, bins=bins, color=_color(m), density=True)
+        ax.axvline(r.mean(), color="k", ls="--", lw=1)
+        ax.set_title(f"{m}\nmean {r.mean():+.2f}", fontsize=9)
+        ax.set_xlabel("oracle reward")
+    np.atleast_1d(axes)[0].set_ylabel("density")
+    fig.suptitle("Oracle reward of held-out samples, per method")
+    return _save(fig, path)
+
+
+def make_plots(folder: str | Path) -> list[Path]:
+    """Every plot of the run into ``plots/``; returns the paths written."""
+    folder = Path(folder)
+    out = folder / "plots"
+    made = [
+        plot_frontier(folder, out / "frontier.png"),
+        plot_dpo_curves(folder, out / "dpo_curves.png"),
+        plot_ppo_curves(folder, out / "ppo_curves.png"),
+        plot_win_rates(folder, out / "win_rates.png"),
+        plot_reward_distributions(folder, out / "reward_distributions.png"),
+    ]
+    return [p for p in made if p is not None]
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+METHOD_STAGES = {
+    "DPO": ["ref_logps", "dpo"],
+    "PPO": ["rm", "ppo"],
+    "PPO-GT": ["ppo_gt"],
+    "Preferred-FT": ["preferred_ft"],
+}
+
+
+def _stamps(folder: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for p in sorted((folder / "stages").glob("*.json")):
+        try:
+            out[p.stem] = json.loads(p.read_text())
+        except ValueError:
+            continue
+    return out
+
+
+def cost_table(folder: Path) -> list[dict[str, Any]]:
+    """Per method: wall time, tokens through forward/backward, peak memory, and the
+    training time to first reach the SFT oracle reward + the reach margin."""
+    stamps = _stamps(folder)
+    results = load_results(folder)
+    points, _ = frontier_points(folder)
+    sft = next(p for p in points if p["method"] == "SFT")
+    target = sft["reward"] + results["reach_margin"]
+    bon = next((m for m in results["final"] if m.startswith("Best-of-")), None)
+    stages = dict(METHOD_STAGES)
+    if bon:
+        stages[bon] = ["rm", "best_of_n"]
+    rows = []
+    for method, names in stages.items():
+        got = [stamps[n] for n in names if n in stamps]
+        if len(got) != len(names):
+            continue
+        fwd = sum(int(s["summary"].get("tokens_forward") or 0) for s in got)
+        bwd = sum(int(s["summary"].get("tokens_backward") or 0) for s in got)
+        peaks = [s["cost"].get("peak_rss_mb") for s in got if s["cost"].get("peak_rss_mb")]
+        reach = sorted(p["elapsed_s"] for p in points
+                       if p["method"] == method and p["reward"] >= target and p["step"] > 0)  # fmt: skip
+        rows.append({
+            "method": method, "stages": "+".join(names),
+            "wall_s": sum(s["cost"]["wall_s"] for s in got),
+            "tokens_forward": fwd, "tokens_backward": bwd,
+            "peak_rss_mb": max(peaks) if peaks else None,
+            "reach_s": reach[0] if reach else None,
+        })  # fmt: skip
+    return rows
+
+
+def matched_kl_gaps(folder: Path, a: str = "DPO", b: str = "PPO") -> list[tuple[float, float]]:
+    """(KL, reward of a's frontier - reward of b's frontier) at KLs both frontiers span,
+    by linear interpolation along each upper frontier (SFT included as the origin)."""
+    points, _ = frontier_points(folder)
+    sft = [p for p in points if p["method"] == "SFT"]
+    fa = pareto([p for p in points if p["method"] == a] + sft)
+    fb = pareto([p for p in points if p["method"] == b] + sft)
+    if len(fa) < 2 or len(fb) < 2:
+        return []
+    hi = min(fa[-1]["kl"], fb[-1]["kl"])
+    if hi <= 0:
+        return []
+    grid = np.linspace(0, hi, 6)[1:]
+    ra = np.interp(grid, [p["kl"] for p in fa], [p["reward"] for p in fa])
+    rb = np.interp(grid, [p["kl"] for p in fb], [p["reward"] for p in fb])
+    return [(float(k), float(x - y)) for k, x, y in zip(grid, ra, rb, strict=True)]
+
+
+def conclusion(folder: Path) -> str:
+    """The measured answer to: does DPO's frontier dominate PPO's here, and by how much?"""
+    final = load_results(folder)["final"]
+    gaps = matched_kl_gaps(folder)
+    sft = final["SFT"]["reward_mean"]
+    lines = []
+    best = max((m for m in final if m != "SFT"), key=lambda m: final[m]["reward_mean"])
+    lines.append(
+        f"Best final policy by oracle reward: {best} ({final[best]['reward_mean']:+.3f}, "
+        f"SFT {sft:+.3f})."
+    )
+    if not gaps:
+        lines.append("The DPO and PPO frontiers share no KL range, so no matched-KL comparison.")
+    else:
+        diffs = [d for _, d in gaps]
+        where = ", ".join(f"{d:+.2f} at KL {k:.2f}" for k, d in gaps)
+        if all(d > 0 for d in diffs):
+            verdict = "DPO's frontier lies above PPO's at every matched KL"
+        elif all(d < 0 for d in diffs):
+            verdict = "PPO's frontier lies above DPO's at every matched KL"
+        else:
+            verdict = "the frontiers cross: neither dominates"
+        lines.append(f"{verdict} (DPO − PPO oracle reward: {where}).")
+        lines.append(
+            "The paper's Figure 2 finds DPO's frontier above PPO's; "
+            + ("this run agrees." if all(d > 0 for d in diffs) else "this run does not agree.")
+        )
+    for m in ("DPO", "PPO", "PPO-GT"):
+        if m in final:
+            d = final[m]["reward_mean"] - sft
+            se = float(np.hypot(final[m]["reward_se"], final["SFT"]["reward_se"]))
+            tag = "above" if d > 2 * se else "below" if d < -2 * se else "within 2 se of"
+            lines.append(f"{m} ends {tag} SFT ({d:+.3f} ± {se:.3f}).")
+    return " ".join(lines)
+
+
+def _fmt(v, spec: str, none: str = "–") -> str:
+    return none if v is None else format(v, spec)
+
+
+def write_report(folder: str | Path) -> Path:
+    """``report.md``: plots, tables, "Explain gravity." side by side, the conclusion."""
+    folder = Path(folder)
+    results = load_results(folder)
+    final = results["final"]
+    spp = results["samples_per_prompt"]
+    total = sum(s["cost"]["wall_s"] for s in _stamps(folder).values())
+    _, source = frontier_points(folder)
+    L = [f"# minidpo report: {folder.name}", ""]
+    L += ["## Conclusion", "", conclusion(folder), ""]
+    L += [f"## Held-out evaluation ({spp} samples per held-out prompt; oracle reward ± se)", ""]
+    L += ["| method | oracle reward | KL(π‖π_ref) | win vs SFT | unparseable | length |",
+          "|---|---|---|---|---|---|"]  # fmt: skip
+    for m, r in final.items():
+        kl = _fmt(r.get("kl_mean"), ".2f") + (" (closed form)" if r.get("kl_note") else "")
+        L.append(f"| {m} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} | "
+                 f"{_fmt(r.get('win_rate_vs_ref'), '.1%')} | {r['unparseable_rate']:.1%} | "
+                 f"{r['mean_length']:.1f} |")  # fmt: skip
+    L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
+    L += ["## Cost per method", ""]
+    rows = cost_table(folder)
+    target = next(p for p in frontier_points(folder)[0] if p["method"] == "SFT")["reward"]
+    L += [f"Time to reach: training seconds until a snapshot first scored ≥ "
+          f"{target + results['reach_margin']:+.2f} (SFT {target:+.2f} + {results['reach_margin']}); "
+          "– where none did. Peak memory: resident set of the process during the stages.", ""]  # fmt: skip
+    L += ["| method | stages | wall time (s) | tokens forward | tokens backward | peak RSS (MB) "
+          "| time to reach (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        L.append(f"| {r['method']} | {r['stages']} | {r['wall_s']:.1f} | {r['tokens_forward']:,} | "
+                 f"{r['tokens_backward']:,} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+                 f"{_fmt(r['reach_s'], '.1f')} |")  # fmt: skip
+    L += ["", f"Whole pipeline: {total:.0f} s, the sum of every stage's wall time when it ran "
+          "(`stages/*.json`)."]  # fmt: skip
+    L += ["", "## Training curves", "", "![dpo](plots/dpo_curves.png)", "",
+          "![ppo](plots/ppo_curves.png)", "", "## Win rate and reward distributions", "",
+          "![win](plots/win_rates.png)", "", "![dist](plots/reward_distributions.png)", ""]  # fmt: skip
+    L += ['## "Explain gravity." side by side', ""]
+    for m, samples in results["gravity"].items():
+        for s in samples:
+            end = "" if s["terminated"] else " *(no end-of-text)*"
+            L.append(f"- **{m}** [{s['oracle']:+.2f}] {s['response']}{end}")
+    L.append("")
+    return atomic_write_text(folder / "report.md", "\n".join(L))
+
+
+def summary_text(folder: str | Path) -> str:
+    """The printed summary at the end of a run: the evaluation table and the conclusion."""
+    folder = Path(folder)
+    final = load_results(folder)["final"]
+    rows = [f"{'method':<14} {'oracle reward':>16} {'KL':>7} {'win vs SFT':>10}"]
+    for m, r in final.items():
+        reward = f"{r['reward_mean']:+.3f} ± {r['reward_se']:.3f}"
+        rows.append(f"{m:<14} {reward:>16} {_fmt(r.get('kl_mean'), '.2f'):>7} "
+                    f"{_fmt(r.get('win_rate_vs_ref'), '.1%'):>10}")  # fmt: skip
+    return "\n".join([*rows, "", conclusion(folder), f"report: {folder / 'report.md'}"])
