@@ -12,7 +12,9 @@
     minidpo ppo          PPO against the reward model (--reward oracle: PPO-GT)
     minidpo preferred-ft SFT on the chosen responses only (a baseline of the paper)
     minidpo best-of-n    N samples from SFT, keep the one the reward model scores highest
-    minidpo demo         the main job on its default preset (what `make demo` runs)
+    minidpo pipeline     every stage in order, skipping what is done; then eval, plots, report
+    minidpo sweep        the pipeline, then the reward-KL frontier sweep over settings and seeds
+    minidpo demo         the pipeline on its default preset (what `make demo` runs)
 
 Bad input (an unknown flag or preset, a missing or corrupt file) prints one line
 ``minidpo: error: <what and where>`` and exits with code 2.
@@ -295,6 +297,16 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     else:
         rm = load_reward_model(_rm_path(run, args), device)
         score_fn, value_init = rm.score, rm.model.state_dict()
+    prompts = None
+    if args.prompts:
+        from minidpo.policy import load_policy, load_prompts
+
+        _, tok = load_policy(_sft_path(run, args))
+        from minidpo.world import load_world
+
+        # the oracle reward, logged along every PPO run, knows only the world's prompts
+        prompts = load_prompts(args.prompts, tok, _block_size(run, args), cfg.max_new_tokens,
+                               check=load_world().prompt)  # fmt: skip
     out = run_dir(run) / f"ppo-{args.reward}-kl{cfg.kl_coef:g}"
     s = run_ppo(
         sft_path=_sft_path(run, args),
@@ -304,6 +316,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         seed=run.seed,
         device=device,
         value_init=value_init,
+        prompts=prompts,
         force=run.force,
     )
     print(
@@ -311,6 +324,12 @@ def cmd_ppo(args: argparse.Namespace) -> int:
         f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)"
     )
     return 0
+
+
+def _block_size(run: RunConfig, args: argparse.Namespace) -> int:
+    from minidpo.training import load_checkpoint
+
+    return int(load_checkpoint(_sft_path(run, args), kind="policy")["model_config"]["block_size"])
 
 
 def cmd_preferred_ft(args: argparse.Namespace) -> int:
@@ -372,45 +391,6 @@ def cmd_gravity(args: argparse.Namespace) -> int:
     from minidpo.gravity import compute, load_example, render
 
     print(render(compute(load_example(args.example))))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """SFT, preference pairs, DPO at the preset's beta, then SFT vs DPO side by side."""
-    from minidpo.atomic import atomic_write_json
-
-    args.pairs = args.eval_pairs = None
-    run = _run(args)
-    cfg = _cfg(EvalConfig, "eval", args)
-    sft = _sft_path(run, args)
-    dpo = _dpo_dir(run, _cfg(DPOConfig, "dpo", args)) / "checkpoint.pt"
-    timings: dict[str, float] = {}
-
-    def timed(stage: str, fn, *a):
-        t0 = time.perf_counter()
-        out = fn(*a)
-        timings[stage] = round(time.perf_counter() - t0, 2)
-        return out
-
-    timed("sft", cmd_sft, args)
-    timed("prefs", cmd_prefs, args)
-    timed("dpo", cmd_dpo, args)
-    sft_result, sft_samples, sft_rewards = timed("eval_sft", _evaluate, run, cfg, sft, None)
-    dpo_result, dpo_samples, dpo_rewards = timed("eval_dpo", _evaluate, run, cfg, dpo, sft)
-    results = {"SFT": sft_result, dpo.parent.name: dpo_result}
-    atomic_write_json(
-        run_dir(run) / "demo.json",
-        {"results": {k: v.to_dict() for k, v in results.items()}, "wall_s": timings},
-    )
-    print("\nheld-out prompts, oracle reward (mean +- standard error):")
-    print(_eval_table(results))
-    print("\nsame prompt, same seed: SFT vs DPO")
-    for i in range(0, min(len(sft_samples), 4 * cfg.samples_per_prompt), cfg.samples_per_prompt):
-        print(f"{sft_samples[i].prompt}")
-        print(f"  SFT [{sft_rewards[i]:+.2f}] {sft_samples[i].response}")
-        print(f"  DPO [{dpo_rewards[i]:+.2f}] {dpo_samples[i].response}")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-    print(f"\nwall time: {stages}; results in {run_dir(run)}")
     return 0
 
 
@@ -508,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", help=rm_help)
     p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
                    help="rm: the reward model (RLHF); oracle: r* itself (PPO-GT)")  # fmt: skip
+    p.add_argument("--prompts", help="training prompts, one per line (default: the world's)")
     p = add("preferred-ft", cmd_preferred_ft, "SFT on the chosen responses of the pairs",
             [(PreferredFTConfig, "preferred_ft")])  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)
@@ -521,13 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gravity", help="the seed card's worked example, number by number")
     p.add_argument("--example", help="example JSON (default: data/gravity_example.json)")
     p.set_defaults(handler=cmd_gravity, preset=None)
-    p = add("demo", cmd_demo, "the main job: SFT, pairs, DPO, then SFT vs DPO side by side",
-            [*STAGE_GROUPS, (PrefsConfig, "prefs"), (DPOConfig, "dpo"), (EvalConfig, "eval")],
-            prefixed=("sft", "prefs", "dpo", "eval"))  # fmt: skip
     from minidpo.pipeline import GROUPS, STAGE_NAMES
 
     for name, handler, help_ in (
         ("pipeline", cmd_pipeline, "every stage in order, then the evaluation, plots and report"),
+        ("demo", cmd_pipeline, "the main job (what `make demo` runs): the pipeline, cpu preset"),
         ("sweep", cmd_sweep, "the pipeline, then the reward-KL frontier sweep (seeds x settings)"),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
@@ -537,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_args(p, cls, group, prefix)
         p.add_argument("--force", action="append", metavar="STAGE",
                        help=f"rerun this stage (repeatable): {', '.join(STAGE_NAMES)}")  # fmt: skip
-        if name == "pipeline":
+        if name != "sweep":
             p.add_argument("--sweep", action="store_true", help="also run the frontier sweep")
         p.set_defaults(handler=handler, prefixed=tuple(g for g in GROUPS if g != "pipeline"))
     p = sub.add_parser("score", help="the oracle reward of a response, rule by rule")

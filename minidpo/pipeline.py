@@ -347,12 +347,38 @@ STAGE_NAMES = [s.name for s in STAGES]
 # --------------------------------------------------------------------------- machinery
 
 
+VOLATILE = ("elapsed_s",)  # checkpoint entries that differ between identical runs
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash a checkpoint's content deterministically (tensors by their bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if k not in VOLATILE:
+                h.update(f"K{k}".encode())
+                _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(repr(obj).encode())
+
+
 def outputs_sha256(paths: Sequence[Path]) -> str:
-    """One hash over the bytes of a stage's output files (in order)."""
+    """One hash over a stage's outputs: file bytes, or for checkpoints their content
+    without wall-clock entries, so a bit-identical rerun leaves downstream stages alone."""
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        h.update(file_sha256(p).encode())
+        if p.suffix == ".pt":
+            _feed(h, torch.load(p, map_location="cpu", weights_only=True))
+        else:
+            h.update(file_sha256(p).encode())
     return h.hexdigest()
 
 

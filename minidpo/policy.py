@@ -9,7 +9,7 @@ seeded by (s, i), so a sample does not depend on the batch it was drawn in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,48 @@ def encode_prompt(tok: Tokenizer, prompt: str, block_size: int, max_new_tokens: 
             f"exceeds the model's context of {block_size}"
         )
     return ids
+
+
+def load_prompts(
+    path: str | Path,
+    tok: Tokenizer,
+    block_size: int,
+    max_new_tokens: int,
+    check: Callable[[str], object] | None = None,
+) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines skipped).
+
+    Each must fit the model's context with `max_new_tokens` to spare and pass `check`
+    (which raises MinidpoError); the first that does not (or an unreadable file) is
+    one MinidpoError naming file:line.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise MinidpoError(f"{path}: prompt file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MinidpoError(f"{path}: cannot read the prompt file ({type(e).__name__})") from None
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        n = len(tok.encode(format_prompt(text)))
+        if n + max_new_tokens > block_size:
+            raise MinidpoError(
+                f"{path}:{i}: prompt is {n} tokens; with {max_new_tokens} new tokens it "
+                f"exceeds the model's context of {block_size}"
+            )
+        if check is not None:
+            try:
+                check(text)
+            except MinidpoError as e:
+                raise MinidpoError(f"{path}:{i}: {e}") from None
+        prompts.append(text)
+    if not prompts:
+        raise MinidpoError(f"{path}: no prompts (one per line expected)")
+    return prompts
 
 
 @torch.no_grad()

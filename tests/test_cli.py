@@ -1,6 +1,7 @@
 """The command line: help, bad input as one line with exit code 2, and the tiny pipeline."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -106,9 +107,9 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu"]
     assert main(["demo", *common]) == 0
     out = capsys.readouterr().out
-    assert "SFT" in out and "dpo-sigmoid-beta0.1" in out and "win vs SFT" in out
+    assert "SFT" in out and "PPO-GT" in out and "win vs SFT" in out and "report:" in out
     run = tmp_path / "default"
-    for f in ("sft/checkpoint.pt", "prefs/train.jsonl", "prefs/eval.jsonl", "demo.json",
+    for f in ("sft/checkpoint.pt", "prefs/train.jsonl", "prefs/eval.jsonl", "report.md",
               "dpo-sigmoid-beta0.1/checkpoint.pt", "dpo-sigmoid-beta0.1/metrics.jsonl"):  # fmt: skip
         assert (run / f).exists(), f
     assert (
@@ -138,3 +139,40 @@ def test_rlhf_commands_on_tiny(tmp_path, capsys, tiny_sft):
     assert "expected 'reward_model'" in _err_lines(capsys)[-1]
     assert main(["ppo", *common, "--kl-coef", "0"]) == 2
     assert "--kl-coef" in _err_lines(capsys)[-1]
+    # a prompt file: a line too long for the context is named by file:line, nothing written
+    long = tmp_path / "long.txt"
+    long.write_text("Explain gravity.\n\nExplain " + "the gravity of rain " * 40 + "\n")
+    assert main(["ppo", *common, "--name", "custom", "--rm", str(rm), "--prompts", str(long)]) == 2
+    assert f"{long}:3: prompt is" in _err_lines(capsys)[-1]
+    assert not (tmp_path / "custom").exists()
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("Explain gravity.\nWhat is love?\n")
+    assert (
+        main(["ppo", *common, "--name", "custom", "--rm", str(rm), "--prompts", str(unknown)]) == 2
+    )
+    assert f"{unknown}:2: prompt not in the world" in _err_lines(capsys)[-1]
+    ok = tmp_path / "ok.txt"
+    ok.write_text("Explain gravity.\n\nWhat is buoyancy?\n")
+    assert main(["ppo", *common, "--name", "custom", "--rm", str(rm), "--prompts", str(ok)]) == 0
+    assert (tmp_path / "custom" / "ppo-rm-kl0.05" / "summary.json").exists()
+
+
+def test_prompt_file_errors_name_the_file(tmp_path, tiny_sft):
+    from minidpo.errors import MinidpoError
+    from minidpo.policy import load_policy, load_prompts
+
+    _, tok = load_policy(tiny_sft)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Explain caf\xe9.\n".encode("latin-1"))
+    cases = {
+        tmp_path / "missing.txt": "prompt file not found",
+        bad: "cannot read the prompt file (UnicodeDecodeError)",
+        tmp_path / "blank.txt": "no prompts",
+    }
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for path, msg in cases.items():
+        with pytest.raises(MinidpoError, match=re.escape(f"{path}: {msg}")):
+            load_prompts(path, tok, block_size=128, max_new_tokens=48)
+    good = tmp_path / "good.txt"
+    good.write_text(" Explain gravity. \n\nWhat is buoyancy?\n")
+    assert load_prompts(good, tok, 128, 48) == ["Explain gravity.", "What is buoyancy?"]
