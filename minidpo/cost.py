@@ -36,6 +36,7 @@ class Cost:
 
     wall_s: float = 0.0
     peak_rss_mb: float | None = None  # host memory, the whole process
+    start_rss_mb: float | None = None  # the same at the stage's start
     peak_cuda_mb: float | None = None  # device memory allocated by torch
 
 
@@ -48,6 +49,7 @@ def measure(device: torch.device | str = "cpu", interval_s: float = 0.01) -> Ite
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     peak = [rss_bytes()]
+    cost.start_rss_mb = None if peak[0] is None else peak[0] / 2**20
     stop = threading.Event()
 
     def poll() -> None:

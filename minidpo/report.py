@@ -163,7 +163,7 @@ def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
     for i, (name, p) in enumerate(runs.items()):
         rows = [r for r in read_metrics(p) if "objective/kl" in r]
         it = [r["step"] for r in rows]
-        c = f"C{i + 2}"
+        c = _color("PPO-GT" if "-oracle-" in name else "PPO") if i < 2 else f"C{i + 4}"
         if name.startswith("ppo-rm"):
             axes[0].plot(it, [r["objective/scores"] for r in rows], "--", color=c,
                          label=f"{name}: reward-model score")  # fmt: skip
@@ -268,6 +268,8 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
         fwd = sum(int(s["summary"].get("tokens_forward") or 0) for s in got)
         bwd = sum(int(s["summary"].get("tokens_backward") or 0) for s in got)
         peaks = [s["cost"].get("peak_rss_mb") for s in got if s["cost"].get("peak_rss_mb")]
+        grown = [s["cost"]["peak_rss_mb"] - s["cost"]["start_rss_mb"] for s in got
+                 if s["cost"].get("peak_rss_mb") and s["cost"].get("start_rss_mb")]  # fmt: skip
         reach = sorted(p["elapsed_s"] for p in points
                        if p["method"] == method and p["reward"] >= target and p["step"] > 0)  # fmt: skip
         rows.append({
@@ -275,6 +277,7 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
             "wall_s": sum(s["cost"]["wall_s"] for s in got),
             "tokens_forward": fwd, "tokens_backward": bwd,
             "peak_rss_mb": max(peaks) if peaks else None,
+            "rss_growth_mb": max(grown) if grown else None,
             "reach_s": reach[0] if reach else None,
         })  # fmt: skip
     return rows
@@ -362,12 +365,15 @@ def write_report(folder: str | Path) -> Path:
     target = next(p for p in frontier_points(folder)[0] if p["method"] == "SFT")["reward"]
     L += [f"Time to reach: training seconds until a snapshot first scored ≥ "
           f"{target + results['reach_margin']:+.2f} (SFT {target:+.2f} + {results['reach_margin']}); "
-          "– where none did. Peak memory: resident set of the process during the stages.", ""]  # fmt: skip
+          "– where none did. Peak RSS: the process's resident memory at its highest during the "
+          "method's stages (it includes what earlier stages left allocated); growth: the most it "
+          "rose above its level at a stage's start.", ""]  # fmt: skip
     L += ["| method | stages | wall time (s) | tokens forward | tokens backward | peak RSS (MB) "
-          "| time to reach (s) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+          "| RSS growth (MB) | time to reach (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         L.append(f"| {r['method']} | {r['stages']} | {r['wall_s']:.1f} | {r['tokens_forward']:,} | "
                  f"{r['tokens_backward']:,} | {_fmt(r['peak_rss_mb'], '.0f')} | "
+                 f"{_fmt(r['rss_growth_mb'], '.0f')} | "
                  f"{_fmt(r['reach_s'], '.1f')} |")  # fmt: skip
     L += ["", f"Whole pipeline: {total:.0f} s, the sum of every stage's wall time when it ran "
           "(`stages/*.json`)."]  # fmt: skip
