@@ -189,6 +189,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tokenizer": {"vocab_size": 1024},
         "model": {"n_layer": 8, "n_head": 8, "n_embd": 384, "block_size": 128},
         "sft": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "n_demos": 40000},
+        "prefs": {"samples_per_prompt": 16, "max_pairs_per_prompt": 32},
+        "ppo": {"iterations": 100, "rollout_batch": 256, "minibatch_size": 64},
+        "eval": {"samples_per_prompt": 64},
+        "pipeline": {"frontier_samples_per_prompt": 8},
     },
 }
 

@@ -9,26 +9,33 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from minidpo.atomic import atomic_write_bytes
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def figure(
+    nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 3.5), **subplots: Any
+) -> tuple[Figure, Any]:
+    """A figure and its axes, without pyplot: no global backend or state is touched, so
+    importing this module leaves a notebook's inline plots alone."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (120 dpi, tight)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 
 def reward_histogram(rewards: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:
     """Overlaid histograms of oracle rewards, one per label, with each mean marked."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     lo = min(min(v) for v in rewards.values())
     hi = max(max(v) for v in rewards.values())
     bins = np.arange(np.floor(lo * 4) / 4 - 0.125, hi + 0.375, 0.25)
@@ -42,4 +49,4 @@ def reward_histogram(rewards: Mapping[str, Sequence[float]], path: str | Path, t
     ax.set_ylabel("share of responses (density)")
     ax.set_title(title)
     ax.legend(frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -23,6 +23,7 @@ import numpy as np
 
 from minidpo.atomic import atomic_write_text
 from minidpo.evaluate import mean_se
+from minidpo.plots import figure, save_png
 from minidpo.training import read_metrics
 
 METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT"]
@@ -72,26 +73,10 @@ def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    from minidpo.plots import _save as save
-
-    return save(fig, path)
-
-
 def plot_frontier(folder: Path, path: Path) -> Path:
-    plt = _plt()
     points, source = frontier_points(folder)
     sft = [p for p in points if p["method"] == "SFT"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     methods = [m for m in METHOD_ORDER if m != "SFT"]
     methods += sorted({p["method"] for p in points} - set(METHOD_ORDER))
     for m in methods:
@@ -112,7 +97,7 @@ def plot_frontier(folder: Path, path: Path) -> Path:
     ax.set_title(f"Reward-KL frontier (lines: upper frontier per method; {source})")
     ax.axhline(sft[0]["reward"] if sft else 0, color="grey", lw=0.6, ls=":")
     ax.legend(frameon=False, fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _first(pattern: str, folder: Path) -> Path | None:
@@ -125,8 +110,7 @@ def plot_dpo_curves(folder: Path, path: Path) -> Path | None:
     if d is None:
         return None
     rows = [r for r in read_metrics(d) if "train/rewards/margins" in r]
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = figure(1, 3, figsize=(12, 3.6))
     steps = [r["step"] for r in rows]
 
     def line(ax, key, label, **kw):
@@ -151,15 +135,14 @@ def plot_dpo_curves(folder: Path, path: Path) -> Path | None:
         ax.set_xlabel("DPO step")
         ax.legend(frameon=False, fontsize=7)
     fig.suptitle(f"DPO training curves ({d.parent.name})")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
     runs = {p.parent.name: p for p in sorted(folder.glob("ppo-*/metrics.jsonl"))}
     if not runs:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, axes = figure(1, 2, figsize=(11, 3.6))
     for i, (name, p) in enumerate(runs.items()):
         rows = [r for r in read_metrics(p) if "objective/kl" in r]
         it = [r["step"] for r in rows]
@@ -177,14 +160,13 @@ def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("PPO iteration")
         ax.legend(frameon=False, fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_win_rates(folder: Path, path: Path) -> Path:
     final = load_results(folder)["final"]
     names = [m for m in final if final[m].get("win_rate_vs_ref") is not None]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig, ax = figure(figsize=(6.5, 3.5))
     vals = [final[m]["win_rate_vs_ref"] for m in names]
     ax.bar(names, vals, color=[_color(m) for m in names])
     for x, v in enumerate(vals):
@@ -193,14 +175,13 @@ def plot_win_rates(folder: Path, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate vs SFT (oracle reward; ties ½)")
     ax.set_title("Win rate against SFT, same held-out prompts")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_reward_distributions(folder: Path, path: Path) -> Path:
     rewards = load_results(folder)["rewards"]
-    plt = _plt()
     names = list(rewards)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3), sharey=True)
+    fig, axes = figure(1, len(names), figsize=(2.2 * len(names), 3), sharey=True)
     bins = np.arange(-3.125, 3.2, 0.25)
     for ax, m in zip(np.atleast_1d(axes), names, strict=True):
         r = np.asarray(rewards[m])
@@ -210,7 +191,7 @@ def plot_reward_distributions(folder: Path, path: Path) -> Path:
         ax.set_xlabel("oracle reward")
     np.atleast_1d(axes)[0].set_ylabel("density")
     fig.suptitle("Oracle reward of held-out samples, per method")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def make_plots(folder: str | Path) -> list[Path]:

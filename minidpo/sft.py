@@ -69,6 +69,14 @@ def tokenize_demos(tok: Tokenizer, demos: list) -> tuple[list[list[int]], list[l
     return prompts, responses
 
 
+def demonstrations(world: World, cfg: SFTConfig, seed: int) -> tuple[list, list]:
+    """The SFT data of a run: (training, held-out) demonstrations, drawn from one
+    generator seeded by (seed, 1), training prompts first."""
+    rng = np.random.default_rng([seed, 1])
+    train = sample_demonstrations(world, cfg.n_demos, rng)
+    return train, sample_demonstrations(world, cfg.n_eval_demos, rng, split="eval")
+
+
 def run_sft(
     run: RunConfig,
     tok_cfg: TokenizerConfig,
@@ -99,9 +107,8 @@ def run_sft(
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, **to_dict(model_cfg))
     model = GPT(gpt_cfg).to(device)
 
-    demo_rng = np.random.default_rng([run.seed, 1])
-    train_p, train_r = tokenize_demos(tok, sample_demonstrations(world, cfg.n_demos, demo_rng))
-    eval_demos = sample_demonstrations(world, cfg.n_eval_demos, demo_rng, split="eval")
+    train_demos, eval_demos = demonstrations(world, cfg, run.seed)
+    train_p, train_r = tokenize_demos(tok, train_demos)
     eval_p, eval_r = tokenize_demos(tok, eval_demos)
     longest = max(len(p) + len(r) for p, r in zip(train_p + eval_p, train_r + eval_r, strict=False))
     if longest - 1 > gpt_cfg.block_size:
