@@ -91,8 +91,8 @@ ScoreFn = Callable[[list[Sample]], torch.Tensor]
 class PPOConfig:
     """PPO against a reward (the reward model, or the oracle for PPO-GT)."""
 
-    iterations: int = _f(60, "PPO iterations (rollout, score, update)")
-    rollout_batch: int = _f(128, "prompts per iteration, one response each")
+    iterations: int = _f(40, "PPO iterations (rollout, score, update)")
+    rollout_batch: int = _f(64, "prompts per iteration, one response each")
     minibatch_size: int = _f(32, "responses per optimizer step")
     ppo_epochs: int = _f(2, "passes over each rollout batch")
     lr: float = _f(1e-4, "Adam learning rate of the policy (constant)")
