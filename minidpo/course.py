@@ -17,7 +17,9 @@ and the same in three places:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import platform
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from minidpo.config import (
     SFTConfig,
     TokenizerConfig,
     resolve,
+    to_dict,
 )
 from minidpo.sft import run_dir
 
@@ -142,7 +145,8 @@ def dpo_checkpoint(progress: bool = False, **overrides) -> Path:
 
     cfg = config(DPOConfig, "dpo", **overrides)
     train, held_out = preference_pairs()
-    out = folder() / f"dpo-{cfg.loss}-beta{cfg.beta:g}-lr{cfg.lr:g}-steps{cfg.steps}"
+    key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    out = folder() / f"dpo-{cfg.loss}-beta{cfg.beta:g}-{key}"  # one folder per full config
     run_dpo(
         sft_path=sft_checkpoint(),
         train_pairs=train,

@@ -101,7 +101,7 @@ def evaluate_snapshots(
     of the snapshot and the evaluation settings (an interrupted sweep resumes)."""
     spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
     ev = ctx.cfg["eval"]
-    eval_seed = ctx.run.seed + EVAL_SEED_OFFSET
+    eval_seed = seed + EVAL_SEED_OFFSET  # per training seed: sampling noise independent too
     points = []
     for snap in snapshots(folder):
         key = hashlib.sha256(
@@ -125,14 +125,14 @@ def evaluate_snapshots(
     return points
 
 
-def _sft_reference(ctx: Context, samples_per_prompt: int):
+def _sft_reference(ctx: Context, samples_per_prompt: int, seed: int | None = None):
     """SFT (the reference) sampled once: its model, tokenizer, result and rewards."""
     ev = ctx.cfg["eval"]
     ref, tok = load_policy(ctx.sft_path, ctx.device)
     result, samples, rewards = evaluate_policy(
         ref, tok, _eval_prompts(), samples_per_prompt=samples_per_prompt,
-        seed=ctx.run.seed + EVAL_SEED_OFFSET, temperature=ev.temperature,
-        max_new_tokens=ev.max_new_tokens,
+        seed=(ctx.run.seed if seed is None else seed) + EVAL_SEED_OFFSET,
+        temperature=ev.temperature, max_new_tokens=ev.max_new_tokens,
     )  # fmt: skip
     return ref, tok, result, samples, rewards
 
@@ -229,10 +229,14 @@ def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) ->
     from minidpo.pipeline import sweep_dir
 
     spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
-    ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp)
-    points = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
-                     elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
+    points, refs = [], {}
     for method, setting, value, seed in runs:
+        if seed not in refs:  # SFT sampled with each seed's evaluation seed: its own point
+            ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp, seed)
+            refs[seed] = (ref, tok, sft_rewards)
+            points.append(_point(sft_result, method="SFT", setting="", seed=seed, step=0,
+                                 elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5))  # fmt: skip
+        ref, tok, sft_rewards = refs[seed]
         points += evaluate_snapshots(ctx, sweep_dir(ctx, method, value, seed), method, setting,
                                      seed, ref, sft_rewards, tok)  # fmt: skip
     atomic_write_json(ctx.folder / "sweep" / "points.json",

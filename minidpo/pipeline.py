@@ -68,7 +68,7 @@ class PipelineConfig:
         0.2, "cost table: time to first reach the SFT oracle reward + this margin"
     )
     seeds: int = _f(3, "sweep: seeds per setting (seed, seed + 1, ...)")
-    sweep_dpo_betas: str = _f("0.05,0.1,0.5", "sweep: DPO betas, comma-separated")
+    sweep_dpo_betas: str = _f("0.1,0.3,1", "sweep: DPO betas, comma-separated")
     sweep_ppo_kl_coefs: str = _f("0.02,0.05,0.2", "sweep: PPO KL coefficients, comma-separated")
 
     def floats(self, name: str) -> list[float]:
