@@ -58,6 +58,10 @@ def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
                 "kl": k_mean, "kl_se": k_se if n > 1 else (ps[0]["kl_se"] or 0.0),
                 "elapsed_s": float(np.mean([p["elapsed_s"] for p in ps])),
             })  # fmt: skip
+        results = folder / "eval" / "results.json"
+        if results.exists():  # Best-of-N has no training run: its one point, from the pipeline
+            points += [dict(p, seeds=1) for p in load_results(folder)["frontier"]
+                       if p["method"].startswith("Best-of-")]  # fmt: skip
         return points, f"sweep: mean ± se over {max(p['seeds'] for p in points)} seeds"
     results = load_results(folder)
     return [dict(p, seeds=1) for p in results["frontier"]], "one seed; bars: sampling se"
