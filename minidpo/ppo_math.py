@@ -101,7 +101,7 @@ def compute_gae(
     """Generalized advantage estimates and returns, both (B, T), zero outside `mask`.
 
     Reverse loop over T, vectorised over B:
-        delta_t = r_t + gamma V_{t+1} - V_t              (Schulman et al. 2016, Eq. 12)
+        delta_t = r_t + gamma V_{t+1} - V_t              (the TD residual, Schulman et al. 2016, Sec. 3)
         A_t     = delta_t + gamma lam A_{t+1}            (Schulman et al. 2016, Eq. 16)
         R_t     = A_t + V_t                              (the value target, TRL/baselines)
     V_{t+1} and A_{t+1} are 0 past a row's last response token (the episode ends there).
@@ -122,7 +122,7 @@ def compute_gae(
     last_gae = torch.zeros(B, dtype=v.dtype, device=v.device)  # (B,) A_{t+1}
     for t in reversed(range(T)):
         next_value = v[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)  # (B,)
-        delta = r[:, t] + gamma * next_value - v[:, t]  # Eq. 12, arXiv 1506.02438
+        delta = r[:, t] + gamma * next_value - v[:, t]  # TD residual, arXiv 1506.02438 Sec. 3
         last_gae = delta + gamma * lam * last_gae  # Eq. 16, arXiv 1506.02438
         last_gae = last_gae * mask[:, t]  # nothing carries into the prompt positions
         advantages[:, t] = last_gae
