@@ -205,14 +205,19 @@ def _dpo_out(ctx: Context) -> Path:
     return ctx.folder / f"dpo-{cfg.loss}-beta{cfg.beta:g}"
 
 
-def st_dpo(ctx: Context, force: bool) -> dict[str, Any]:
+def _dpo(ctx: Context, force: bool, beta: float, out: Path) -> dict[str, Any]:
     from minidpo.dpo import run_dpo
 
     train, held_out = ctx.pairs
-    s = run_dpo(sft_path=ctx.sft_path, train_pairs=train, eval_pairs=held_out,
-                out_dir=_dpo_out(ctx), cfg=with_snapshots(ctx.cfg["dpo"], "steps"),
-                seed=ctx.run.seed, device=ctx.device, progress=ctx.progress, force=force)  # fmt: skip
+    cfg = with_snapshots(dataclasses.replace(ctx.cfg["dpo"], beta=beta), "steps")
+    s = run_dpo(sft_path=ctx.sft_path, train_pairs=train, eval_pairs=held_out, out_dir=out,
+                cfg=cfg, seed=ctx.run.seed, device=ctx.device, progress=ctx.progress,
+                force=force)  # fmt: skip
     return _train_summary(s, backward=True)
+
+
+def st_dpo(ctx: Context, force: bool) -> dict[str, Any]:
+    return _dpo(ctx, force, ctx.cfg["dpo"].beta, _dpo_out(ctx))
 
 
 def st_rm(ctx: Context, force: bool) -> dict[str, Any]:
@@ -260,15 +265,19 @@ def st_ppo_gt(ctx: Context, force: bool) -> dict[str, Any]:
     return _ppo(ctx, force, "oracle", kl, _ppo_out(ctx, "oracle"))
 
 
-def st_preferred_ft(ctx: Context, force: bool) -> dict[str, Any]:
+def _preferred_ft(ctx: Context, force: bool, out: Path) -> dict[str, Any]:
     from minidpo.baselines import run_preferred_ft
 
     train, held_out = ctx.pairs
     s = run_preferred_ft(sft_path=ctx.sft_path, train_pairs=train, eval_pairs=held_out,
-                         out_dir=ctx.folder / "preferred-ft",
-                         cfg=with_snapshots(ctx.cfg["preferred_ft"], "steps"), seed=ctx.run.seed,
-                         device=ctx.device, progress=ctx.progress, force=force)  # fmt: skip
+                         out_dir=out, cfg=with_snapshots(ctx.cfg["preferred_ft"], "steps"),
+                         seed=ctx.run.seed, device=ctx.device, progress=ctx.progress,
+                         force=force)  # fmt: skip
     return _train_summary(s, backward=True)
+
+
+def st_preferred_ft(ctx: Context, force: bool) -> dict[str, Any]:
+    return _preferred_ft(ctx, force, ctx.folder / "preferred-ft")
 
 
 def _train_summary(s: dict[str, Any], backward: bool) -> dict[str, Any]:
@@ -504,23 +513,10 @@ def sweep_stage(method: str, label: str, value: float, seed: int) -> Stage:
         sub = dataclasses.replace(ctx, run=dataclasses.replace(ctx.run, seed=seed))
         out = sweep_dir(ctx, method, value, seed)
         if method == "DPO":
-            from minidpo.dpo import run_dpo
-
-            train, held_out = ctx.pairs
-            cfg = with_snapshots(dataclasses.replace(ctx.cfg["dpo"], beta=value), "steps")
-            s = run_dpo(sft_path=ctx.sft_path, train_pairs=train, eval_pairs=held_out,
-                        out_dir=out, cfg=cfg, seed=seed, device=ctx.device,
-                        progress=ctx.progress, force=force)  # fmt: skip
-            return _train_summary(s, backward=True)
+            return _dpo(sub, force, value, out)
         if method in ("PPO", "PPO-GT"):
             return _ppo(sub, force, "rm" if method == "PPO" else "oracle", value, out)
-        from minidpo.baselines import run_preferred_ft
-
-        train, held_out = ctx.pairs
-        s = run_preferred_ft(sft_path=ctx.sft_path, train_pairs=train, eval_pairs=held_out,
-                             out_dir=out, cfg=with_snapshots(ctx.cfg["preferred_ft"], "steps"),
-                             seed=seed, device=ctx.device, progress=ctx.progress, force=force)  # fmt: skip
-        return _train_summary(s, backward=True)
+        return _preferred_ft(sub, force, out)
 
     group = {"DPO": "dpo", "PPO": "ppo", "PPO-GT": "ppo", "Preferred-FT": "preferred_ft"}[method]
     deps = ("ref_logps",) if method == "DPO" else ("rm",) if method == "PPO" else ("prefs",)

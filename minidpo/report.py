@@ -239,8 +239,7 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
     stamps = _stamps(folder)
     results = load_results(folder)
     points, _ = frontier_points(folder)
-    sft = next(p for p in points if p["method"] == "SFT")
-    target = sft["reward"] + results["reach_margin"]
+    target = results["final"]["SFT"]["reward_mean"] + results["reach_margin"]
     bon = next((m for m in results["final"] if m.startswith("Best-of-")), None)
     stages = dict(METHOD_STAGES)
     if bon:
@@ -268,22 +267,25 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def best_at_kl(points: Sequence[dict[str, Any]], kl: float) -> float:
+    """The upper frontier as a function: the best reward among points with KL <= kl."""
+    return max(p["reward"] for p in points if p["kl"] <= kl)
+
+
 def matched_kl_gaps(folder: Path, a: str = "DPO", b: str = "PPO") -> list[tuple[float, float]]:
-    """(KL, reward of a's frontier - reward of b's frontier) at KLs both frontiers span,
-    by linear interpolation along each upper frontier (SFT included as the origin)."""
+    """(KL, best reward of a - best reward of b among points with at most that KL), on 5
+    KLs up to the smaller of the two methods' largest KL. SFT (KL 0) belongs to both: a
+    method that never beat it has SFT's reward as its frontier."""
     points, _ = frontier_points(folder)
     sft = [p for p in points if p["method"] == "SFT"]
-    fa = pareto([p for p in points if p["method"] == a] + sft)
-    fb = pareto([p for p in points if p["method"] == b] + sft)
-    if len(fa) < 2 or len(fb) < 2:
+    pa = [p for p in points if p["method"] == a] + sft
+    pb = [p for p in points if p["method"] == b] + sft
+    if len(pa) == len(sft) or len(pb) == len(sft):
         return []
-    hi = min(fa[-1]["kl"], fb[-1]["kl"])
+    hi = min(max(p["kl"] for p in pa), max(p["kl"] for p in pb))
     if hi <= 0:
         return []
-    grid = np.linspace(0, hi, 6)[1:]
-    ra = np.interp(grid, [p["kl"] for p in fa], [p["reward"] for p in fa])
-    rb = np.interp(grid, [p["kl"] for p in fb], [p["reward"] for p in fb])
-    return [(float(k), float(x - y)) for k, x, y in zip(grid, ra, rb, strict=True)]
+    return [(float(k), best_at_kl(pa, k) - best_at_kl(pb, k)) for k in np.linspace(0, hi, 6)[1:]]
 
 
 def conclusion(folder: Path) -> str:
@@ -298,17 +300,17 @@ def conclusion(folder: Path) -> str:
         f"SFT {sft:+.3f})."
     )
     if not gaps:
-        lines.append("The DPO and PPO frontiers share no KL range, so no matched-KL comparison.")
+        lines.append("No DPO or no PPO points were measured, so no matched-KL comparison.")
     else:
         diffs = [d for _, d in gaps]
         where = ", ".join(f"{d:+.2f} at KL {k:.2f}" for k, d in gaps)
         if all(d > 0 for d in diffs):
             verdict = "DPO's frontier lies above PPO's at every matched KL"
-        elif all(d < 0 for d in diffs):
-            verdict = "PPO's frontier lies above DPO's at every matched KL"
+        elif all(d <= 0 for d in diffs) and any(d < 0 for d in diffs):
+            verdict = "PPO's frontier lies above DPO's at the matched KLs"
         else:
             verdict = "the frontiers cross: neither dominates"
-        lines.append(f"{verdict} (DPO − PPO oracle reward: {where}).")
+        lines.append(f"{verdict} (best DPO − best PPO oracle reward at KL ≤ k: {where}).")
         lines.append(
             "The paper's Figure 2 finds DPO's frontier above PPO's; "
             + ("this run agrees." if all(d > 0 for d in diffs) else "this run does not agree.")
@@ -347,7 +349,7 @@ def write_report(folder: str | Path) -> Path:
     L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
     L += ["## Cost per method", ""]
     rows = cost_table(folder)
-    target = next(p for p in frontier_points(folder)[0] if p["method"] == "SFT")["reward"]
+    target = final["SFT"]["reward_mean"]
     L += [f"Time to reach: training seconds until a snapshot first scored ≥ "
           f"{target + results['reach_margin']:+.2f} (SFT {target:+.2f} + {results['reach_margin']}); "
           "– where none did. Peak RSS: the process's resident memory at its highest during the "

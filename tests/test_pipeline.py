@@ -149,18 +149,20 @@ def test_pareto_matches_a_brute_force_definition():
     assert sorted(map(key, front)) == sorted(map(key, brute))
 
 
-def test_matched_kl_gaps_interpolate_both_frontiers(tmp_path):
+def test_matched_kl_gaps_compare_the_best_reward_at_each_kl(tmp_path):
     pts = [
         {"method": "SFT", "kl": 0.0, "reward": 0.0, "step": 0},
-        {"method": "DPO", "kl": 2.0, "reward": 1.0, "step": 1},
-        {"method": "PPO", "kl": 4.0, "reward": 1.0, "step": 1},
+        {"method": "DPO", "kl": 1.0, "reward": -1.0, "step": 1},  # never beats SFT
+        {"method": "DPO", "kl": 5.0, "reward": -2.0, "step": 2},
+        {"method": "PPO", "kl": 1.5, "reward": 0.5, "step": 1},
+        {"method": "PPO", "kl": 4.0, "reward": 1.0, "step": 2},
     ]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": pts}))
     gaps = matched_kl_gaps(tmp_path)
-    # DPO: r = kl/2 up to 2; PPO: r = kl/4 up to 4; compared on (0, 2]
-    assert [k for k, _ in gaps] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
-    assert [d for _, d in gaps] == pytest.approx([k / 2 - k / 4 for k, _ in gaps])
+    # compared up to KL 4 (PPO's largest); DPO's frontier is SFT's reward, 0, throughout
+    assert [k for k, _ in gaps] == pytest.approx([0.8, 1.6, 2.4, 3.2, 4.0])
+    assert [d for _, d in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16])
