@@ -22,7 +22,7 @@ def figure(
 ) -> tuple[Figure, Any]:
     """A figure and its axes, without pyplot: no global backend or state is touched, so
     importing this module leaves a notebook's inline plots alone."""
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(nrows, ncols, **subplots)
 
 

@@ -142,6 +142,15 @@ def plot_dpo_curves(folder: Path, path: Path) -> Path | None:
     return save_png(fig, path)
 
 
+def smooth(values: Sequence[float], window: int = 5) -> np.ndarray:
+    """Trailing moving average (shorter windows at the start), same length as `values`."""
+    v = np.asarray(values, dtype=np.float64)
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
 def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
     runs = {p.parent.name: p for p in sorted(folder.glob("ppo-*/metrics.jsonl"))}
     if not runs:
@@ -152,12 +161,15 @@ def plot_ppo_curves(folder: Path, path: Path) -> Path | None:
         it = [r["step"] for r in rows]
         c = _color("PPO-GT" if "-oracle-" in name else "PPO") if i < 2 else f"C{i + 4}"
         if name.startswith("ppo-rm"):
-            axes[0].plot(it, [r["objective/scores"] for r in rows], "--", color=c,
+            scores = [r["objective/scores"] for r in rows]
+            axes[0].plot(it, scores, "--", color=c, lw=0.6, alpha=0.5)
+            axes[0].plot(it, smooth(scores), "--", color=c, lw=2,
                          label=f"{name}: reward-model score")  # fmt: skip
-        axes[0].plot(it, [r["objective/oracle"] for r in rows], "-", color=c,
-                     label=f"{name}: oracle reward")  # fmt: skip
+        oracle = [r["objective/oracle"] for r in rows]
+        axes[0].plot(it, oracle, "-", color=c, lw=0.6, alpha=0.5)
+        axes[0].plot(it, smooth(oracle), "-", color=c, lw=2, label=f"{name}: oracle reward")
         axes[1].plot(it, [r["objective/kl"] for r in rows], color=c, label=name)
-    axes[0].set_title("rollouts: what PPO optimises vs the truth")
+    axes[0].set_title("rollouts: what PPO optimises vs the truth (thick: 5-iteration mean)")
     axes[0].set_ylabel("reward (reward model normalised on SFT samples)")
     axes[1].set_title("KL(π ‖ π_ref) of the rollouts")
     axes[1].set_ylabel("nats per response")
@@ -254,7 +266,7 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
         peaks = [s["cost"].get("peak_rss_mb") for s in got if s["cost"].get("peak_rss_mb")]
         grown = [s["cost"]["peak_rss_mb"] - s["cost"]["start_rss_mb"] for s in got
                  if s["cost"].get("peak_rss_mb") and s["cost"].get("start_rss_mb")]  # fmt: skip
-        reach = sorted(p["elapsed_s"] for p in points
+        reach = sorted((p["elapsed_s"], p["setting"]) for p in points
                        if p["method"] == method and p["reward"] >= target and p["step"] > 0)  # fmt: skip
         rows.append({
             "method": method, "stages": "+".join(names),
@@ -262,18 +274,22 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
             "tokens_forward": fwd, "tokens_backward": bwd,
             "peak_rss_mb": max(peaks) if peaks else None,
             "rss_growth_mb": max(grown) if grown else None,
-            "reach_s": reach[0] if reach else None,
+            "reach_s": reach[0][0] if reach else None,
+            "reach_setting": reach[0][1] if reach else None,
         })  # fmt: skip
     return rows
 
 
-def best_at_kl(points: Sequence[dict[str, Any]], kl: float) -> float:
-    """The upper frontier as a function: the best reward among points with KL <= kl."""
-    return max(p["reward"] for p in points if p["kl"] <= kl)
+def best_at(points: Sequence[dict[str, Any]], kl: float) -> dict[str, Any]:
+    """The upper frontier as a function: the best point among those with KL <= kl."""
+    return max((p for p in points if p["kl"] <= kl), key=lambda p: p["reward"])
 
 
-def matched_kl_gaps(folder: Path, a: str = "DPO", b: str = "PPO") -> list[tuple[float, float]]:
-    """(KL, best reward of a - best reward of b among points with at most that KL), on 5
+def matched_kl_gaps(
+    folder: Path, a: str = "DPO", b: str = "PPO"
+) -> list[tuple[float, float, float]]:
+    """(KL, best reward of a - best reward of b among points with at most that KL, the
+    standard error of that difference from the two points' own), on 5
     KLs up to the smaller of the two methods' largest KL. SFT (KL 0) belongs to both: a
     method that never beat it has SFT's reward as its frontier."""
     points, _ = frontier_points(folder)
@@ -285,7 +301,12 @@ def matched_kl_gaps(folder: Path, a: str = "DPO", b: str = "PPO") -> list[tuple[
     hi = min(max(p["kl"] for p in pa), max(p["kl"] for p in pb))
     if hi <= 0:
         return []
-    return [(float(k), best_at_kl(pa, k) - best_at_kl(pb, k)) for k in np.linspace(0, hi, 6)[1:]]
+    out = []
+    for k in np.linspace(0, hi, 6)[1:]:
+        ba, bb = best_at(pa, k), best_at(pb, k)
+        out.append((float(k), ba["reward"] - bb["reward"],
+                    float(np.hypot(ba.get("reward_se") or 0, bb.get("reward_se") or 0))))  # fmt: skip
+    return out
 
 
 def conclusion(folder: Path) -> str:
@@ -302,26 +323,43 @@ def conclusion(folder: Path) -> str:
     if not gaps:
         lines.append("No DPO or no PPO points were measured, so no matched-KL comparison.")
     else:
-        diffs = [d for _, d in gaps]
-        where = ", ".join(f"{d:+.2f} at KL {k:.2f}" for k, d in gaps)
-        if all(d > 0 for d in diffs):
-            verdict = "DPO's frontier lies above PPO's at every matched KL"
-        elif all(d <= 0 for d in diffs) and any(d < 0 for d in diffs):
-            verdict = "PPO's frontier lies above DPO's at the matched KLs"
+        where = ", ".join(f"{d:+.2f} ± {se:.2f} at KL {k:.2f}" for k, d, se in gaps)
+        above = sum(d > 2 * se for _, d, se in gaps)
+        below = sum(d < -2 * se for _, d, se in gaps)
+        n = len(gaps)
+        if above == n:
+            verdict = "DPO's frontier dominates PPO's at every matched KL, beyond 2 standard errors"
+        elif below == n:
+            verdict = "PPO's frontier dominates DPO's at every matched KL, beyond 2 standard errors"
+        elif below == 0 and above > 0:
+            verdict = (f"DPO's frontier is above PPO's by more than 2 standard errors at {above} "
+                       f"of {n} matched KLs and within noise at the others")  # fmt: skip
+        elif above == 0 and below > 0:
+            verdict = (f"PPO's frontier is above DPO's by more than 2 standard errors at {below} "
+                       f"of {n} matched KLs and within noise at the others")  # fmt: skip
+        elif above == 0 and below == 0:
+            verdict = "the two frontiers agree within 2 standard errors at every matched KL"
         else:
             verdict = "the frontiers cross: neither dominates"
         lines.append(f"{verdict} (best DPO − best PPO oracle reward at KL ≤ k: {where}).")
+        agrees = above == n
         lines.append(
-            "The paper's Figure 2 finds DPO's frontier above PPO's; "
-            + ("this run agrees." if all(d > 0 for d in diffs) else "this run does not agree.")
+            "The paper's Figure 2 finds DPO's frontier above PPO's at every KL; "
+            + ("this run agrees." if agrees else "this run does not show that clearly.")
         )
+    settings = {p["method"]: p["setting"] for p in load_results(folder)["frontier"]}
     for m in ("DPO", "PPO", "PPO-GT"):
         if m in final:
             d = final[m]["reward_mean"] - sft
             se = float(np.hypot(final[m]["reward_se"], final["SFT"]["reward_se"]))
             tag = "above" if d > 2 * se else "below" if d < -2 * se else "within 2 se of"
-            lines.append(f"{m} ends {tag} SFT ({d:+.3f} ± {se:.3f}).")
+            lines.append(f"At the pipeline's setting{_setting(settings.get(m))}, {m} ends {tag} "
+                         f"SFT ({d:+.3f} ± {se:.3f}).")  # fmt: skip
     return " ".join(lines)
+
+
+def _setting(setting: str | None) -> str:
+    return f" ({setting})" if setting else ""
 
 
 def _fmt(v, spec: str, none: str = "–") -> str:
@@ -334,7 +372,11 @@ def write_report(folder: str | Path) -> Path:
     results = load_results(folder)
     final = results["final"]
     spp = results["samples_per_prompt"]
-    total = sum(s["cost"]["wall_s"] for s in _stamps(folder).values())
+    from minidpo.pipeline import STAGE_NAMES
+
+    stamps = _stamps(folder)
+    total = sum(stamps[n]["cost"]["wall_s"] for n in STAGE_NAMES if n in stamps)
+    sweep_timing = folder / "sweep" / "timing.json"
     _, source = frontier_points(folder)
     L = [f"# minidpo report: {folder.name}", ""]
     L += ["## Conclusion", "", conclusion(folder), ""]
@@ -351,7 +393,8 @@ def write_report(folder: str | Path) -> Path:
     rows = cost_table(folder)
     target = final["SFT"]["reward_mean"]
     L += [f"Time to reach: training seconds until a snapshot first scored ≥ "
-          f"{target + results['reach_margin']:+.2f} (SFT {target:+.2f} + {results['reach_margin']}); "
+          f"{target + results['reach_margin']:+.2f} (SFT {target:+.2f} + {results['reach_margin']}), "
+          f"over every setting of the method ({source}; the fastest setting in brackets); "
           "– where none did. Peak RSS: the process's resident memory at its highest during the "
           "method's stages (it includes what earlier stages left allocated); growth: the most it "
           "rose above its level at a stage's start.", ""]  # fmt: skip
@@ -361,9 +404,11 @@ def write_report(folder: str | Path) -> Path:
         L.append(f"| {r['method']} | {r['stages']} | {r['wall_s']:.1f} | {r['tokens_forward']:,} | "
                  f"{r['tokens_backward']:,} | {_fmt(r['peak_rss_mb'], '.0f')} | "
                  f"{_fmt(r['rss_growth_mb'], '.0f')} | "
-                 f"{_fmt(r['reach_s'], '.1f')} |")  # fmt: skip
-    L += ["", f"Whole pipeline: {total:.0f} s, the sum of every stage's wall time when it ran "
+                 f"{_fmt(r['reach_s'], '.1f')}{_setting(r['reach_setting'])} |")  # fmt: skip
+    L += ["", f"Whole pipeline: {total:.0f} s, the sum of its stages' wall times when they ran "
           "(`stages/*.json`)."]  # fmt: skip
+    if sweep_timing.exists():
+        L[-1] += f" The sweep: {json.loads(sweep_timing.read_text())['wall_s']:.0f} s more."
     L += ["", "## Training curves", "", "![dpo](plots/dpo_curves.png)", "",
           "![ppo](plots/ppo_curves.png)", "", "## Win rate and reward distributions", "",
           "![win](plots/win_rates.png)", "", "![dist](plots/reward_distributions.png)", ""]  # fmt: skip

@@ -17,7 +17,7 @@ import pytest
 from minidpo.cli import _context, build_parser, main
 from minidpo.evaluation import best_of_n_kl
 from minidpo.pipeline import STAGE_NAMES, run_pipeline
-from minidpo.report import cost_table, matched_kl_gaps, pareto
+from minidpo.report import cost_table, matched_kl_gaps, pareto, smooth
 
 
 def ctx_for(root: Path, name: str, *extra: str):
@@ -151,18 +151,19 @@ def test_pareto_matches_a_brute_force_definition():
 
 def test_matched_kl_gaps_compare_the_best_reward_at_each_kl(tmp_path):
     pts = [
-        {"method": "SFT", "kl": 0.0, "reward": 0.0, "step": 0},
+        {"method": "SFT", "kl": 0.0, "reward": 0.0, "reward_se": 0.0, "step": 0},
         {"method": "DPO", "kl": 1.0, "reward": -1.0, "step": 1},  # never beats SFT
         {"method": "DPO", "kl": 5.0, "reward": -2.0, "step": 2},
-        {"method": "PPO", "kl": 1.5, "reward": 0.5, "step": 1},
-        {"method": "PPO", "kl": 4.0, "reward": 1.0, "step": 2},
+        {"method": "PPO", "kl": 1.5, "reward": 0.5, "reward_se": 0.1, "step": 1},
+        {"method": "PPO", "kl": 4.0, "reward": 1.0, "reward_se": 0.1, "step": 2},
     ]
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": pts}))
     gaps = matched_kl_gaps(tmp_path)
     # compared up to KL 4 (PPO's largest); DPO's frontier is SFT's reward, 0, throughout
-    assert [k for k, _ in gaps] == pytest.approx([0.8, 1.6, 2.4, 3.2, 4.0])
-    assert [d for _, d in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
+    assert [k for k, _, _ in gaps] == pytest.approx([0.8, 1.6, 2.4, 3.2, 4.0])
+    assert [d for _, d, _ in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
+    assert [se for _, _, se in gaps] == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1])
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16])
@@ -175,3 +176,7 @@ def test_best_of_n_kl_closed_form_matches_exact_discrete_computation(n):
     kl = float(np.sum(p * np.log(np.maximum(p, 1e-300) * M)))
     assert kl == pytest.approx(best_of_n_kl(n), abs=1e-3)
     assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+
+
+def test_smooth_is_a_trailing_mean():
+    assert smooth([1, 2, 3, 4, 5, 6], window=3).tolist() == pytest.approx([1, 1.5, 2, 3, 4, 5])
