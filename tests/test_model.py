@@ -328,7 +328,9 @@ def test_kv_cache_logits_equal_full_forward() -> None:
     assert cache.length == 14
     incremental = torch.cat(chunks, dim=1)  # (B, T, V)
     real = mask.bool()
-    torch.testing.assert_close(incremental[real], full[real], rtol=0, atol=1e-5)
+    # float32: the cached and full paths sum in different orders, so logits of size ~3
+    # may differ by a few ulps (1.2e-5 seen once, relative 4e-6); a caching bug is O(1)
+    torch.testing.assert_close(incremental[real], full[real], rtol=1e-5, atol=1e-5)
 
 
 def test_kv_cache_generation_equals_no_cache() -> None:

@@ -5,6 +5,7 @@ pieces of the report (Pareto frontier, matched-KL gaps, Best-of-N's closed-form 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,9 +85,10 @@ def test_rerun_skips_everything_and_force_reruns_one(done):
 
 
 @pytest.mark.slow
-def test_changed_setting_reruns_only_what_depends_on_it(done):
+def test_changed_setting_reruns_only_what_depends_on_it(done, tmp_path):
     root, _ = done
-    ctx = ctx_for(root, "full", "--best-of-n", "3")
+    shutil.copytree(root / "full", tmp_path / "full")  # leave the shared run as it is
+    ctx = ctx_for(tmp_path, "full", "--best-of-n", "3")
     run_pipeline(ctx)
     ran = [line.split("]")[0][1:] for line in ctx.lines if "running" in line]
     assert ran == ["best_of_n", "eval", "plots", "report"], ran
