@@ -400,7 +400,8 @@ def _context(args: argparse.Namespace):
 
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
-    cfg["ppo"].validate()
+    cfg["ppo"].validate("ppo-")
+    cfg["pipeline"].validate()  # before any stage runs, not after minutes of them
     forced = check_force(args.force or [])
     return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)
 

@@ -71,6 +71,17 @@ class PipelineConfig:
     sweep_dpo_betas: str = _f("0.1,0.3,1", "sweep: DPO betas, comma-separated")
     sweep_ppo_kl_coefs: str = _f("0.02,0.05,0.2", "sweep: PPO KL coefficients, comma-separated")
 
+    def validate(self) -> None:
+        """Raise MinidpoError naming the flag of the first bad value."""
+        for name in ("best_of_n", "best_of_n_samples_per_prompt", "frontier_samples_per_prompt",
+                     "seeds"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
+        if not self.ppo_gt_kl_coef > 0:
+            raise MinidpoError(f"--ppo-gt-kl-coef: must be > 0, got {self.ppo_gt_kl_coef}")
+        self.floats("sweep_dpo_betas")
+        self.floats("sweep_ppo_kl_coefs")
+
     def floats(self, name: str) -> list[float]:
         """A comma-separated list field as floats (one clear error naming the flag)."""
         raw = getattr(self, name)

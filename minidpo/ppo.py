@@ -122,17 +122,19 @@ class PPOConfig:
     ckpt_every: int = _f(10, "checkpoint every N iterations")
     snapshot_every: int = _f(0, "save the weights every N iterations for the frontier (0: off)")
 
-    def validate(self) -> None:
-        """Raise MinidpoError naming the flag of the first bad value."""
+    def validate(self, flag_prefix: str = "") -> None:
+        """Raise MinidpoError naming the flag of the first bad value (`flag_prefix`: the
+        command's prefix for PPO flags, ``ppo-`` in `minidpo pipeline`)."""
+        f = f"--{flag_prefix}"
         if not self.kl_coef > 0:
-            raise MinidpoError(f"--kl-coef: must be > 0, got {self.kl_coef}")
+            raise MinidpoError(f"{f}kl-coef: must be > 0, got {self.kl_coef}")
         positive_ints = (
             "iterations", "rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens",
             "eval_every", "eval_samples_per_prompt", "ckpt_every", "kl_horizon",
         )  # fmt: skip
         for name in positive_ints:
             if getattr(self, name) < 1:
-                raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
+                raise MinidpoError(f"{f}{name.replace('_', '-')}: must be >= 1")
         for name in (
             "lr",
             "value_lr",
@@ -142,12 +144,12 @@ class PPOConfig:
             "kl_target",
         ):
             if not getattr(self, name) > 0:
-                raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0")
+                raise MinidpoError(f"{f}{name.replace('_', '-')}: must be > 0")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise MinidpoError(f"--gamma/--lam: must be in [0, 1], got {self.gamma}, {self.lam}")
+            raise MinidpoError(f"{f}gamma/{f}lam: must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.minibatch_size > self.rollout_batch:
             raise MinidpoError(
-                f"--minibatch-size {self.minibatch_size} exceeds --rollout-batch "
+                f"{f}minibatch-size {self.minibatch_size} exceeds {f}rollout-batch "
                 f"{self.rollout_batch}"
             )
 

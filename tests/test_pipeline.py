@@ -128,13 +128,21 @@ def test_unknown_force_stage_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--force: unknown stage 'nope'" in err[0]
 
 
-def test_bad_sweep_list_is_one_line_exit_2(tmp_path, capsys):
-    from minidpo.pipeline import PipelineConfig
-
-    with pytest.raises(Exception, match="--sweep-dpo-betas"):
-        PipelineConfig(sweep_dpo_betas="0.1,abc").floats("sweep_dpo_betas")
-    with pytest.raises(Exception, match="--sweep-ppo-kl-coefs"):
-        PipelineConfig(sweep_ppo_kl_coefs="0.1,-1").floats("sweep_ppo_kl_coefs")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sweep-dpo-betas", "0.1,abc"], "--sweep-dpo-betas: expected positive numbers"),
+        (["--sweep-ppo-kl-coefs", "0.1,-1"], "--sweep-ppo-kl-coefs: expected positive numbers"),
+        (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--ppo-gt-kl-coef", "0"], "--ppo-gt-kl-coef: must be > 0"),
+        (["--ppo-kl-coef", "-1"], "--ppo-kl-coef: must be > 0"),
+    ],
+)
+def test_bad_pipeline_setting_is_one_line_exit_2_before_any_work(tmp_path, capsys, flags, message):
+    code = main(["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not any(tmp_path.iterdir()), "nothing may be written"
 
 
 def test_pareto_keeps_points_that_beat_everything_with_less_kl():
