@@ -7,7 +7,7 @@
   (`PipelineConfig.frontier_samples_per_prompt`), as the paper's Figure 2 (left)
   plots oracle reward against KL.
 * Best-of-N has no policy to take a log-ratio of; its KL to SFT is the closed form
-  log N - (N - 1)/N (an upper bound, Stiennon et al. 2020, Appendix; exact when
+  log N - (N - 1)/N (an upper bound, as in Gao et al. 2022, arXiv 2210.10760; exact when
   the N scores have no ties), which is what papers plot for it.
 * "Explain gravity.": a few responses of each method, the report's side-by-side.
 
