@@ -8,8 +8,8 @@ and the same in three places:
 * the setting: the full `cpu` preset by default, or the `tiny` preset when the
   environment variable ``MINIDPO_LESSONS_FAST=1`` is set (what the tests run);
 * the run folder: the lessons share one run, ``runs/lessons-<preset>/``, and each
-  ``*_checkpoint()`` / ``preference_pairs()`` call trains its stage only if it is not
-  there yet (the stages skip themselves when done), so lesson 05 reuses lesson 03's
+  ``*_checkpoint()`` / ``preference_pairs()`` call runs its pipeline stage (and what it
+  reads) only if its stamp is not current (`minidpo.pipeline.run_stages`), so lesson 05 reuses lesson 03's
   SFT model, and any lesson still runs on its own, top to bottom;
 * `exercise()`: checks the reader's code against the package, or, while the reader has
   not written it yet, checks the solution in lessons/solutions/ and says so.
@@ -32,11 +32,7 @@ import minidpo
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
-    ModelConfig,
-    PrefsConfig,
     RunConfig,
-    SFTConfig,
-    TokenizerConfig,
     resolve,
     to_dict,
 )
@@ -89,54 +85,40 @@ def folder() -> Path:
     return run_dir(run_config())
 
 
+def context(progress: bool = False):
+    """The lessons' run as a pipeline `Context` (every stage group at the lesson preset)."""
+    from minidpo.pipeline import GROUPS, Context
+
+    cfg = {group: config(cls, group) for group, cls in GROUPS.items()}
+    return Context(run=run_config(), cfg=cfg, device=torch.device("cpu"), progress=progress,
+                   log=lambda message: None)  # fmt: skip
+
+
 def sft_checkpoint(progress: bool = False) -> Path:
     """The SFT policy of the lessons' run, trained first if it is not there (lesson 03)."""
-    from minidpo.sft import run_sft
+    from minidpo.pipeline import run_stages
 
-    run = run_config()
-    run_sft(
-        run,
-        config(TokenizerConfig, "tokenizer"),
-        config(ModelConfig, "model"),
-        config(SFTConfig, "sft"),
-        progress=progress,
-    )
-    return run_dir(run) / "sft" / "checkpoint.pt"
+    ctx = context(progress)
+    run_stages(ctx, ["sft"])
+    return ctx.sft_path
 
 
 def preference_pairs() -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl): pairs sampled from the SFT policy, built if missing."""
-    from minidpo.preferences import build_preferences
+    from minidpo.pipeline import run_stages
 
-    out = folder() / "prefs"
-    if not (out / "summary.json").exists():
-        build_preferences(
-            sft_path=sft_checkpoint(),
-            out_dir=out,
-            cfg=config(PrefsConfig, "prefs"),
-            seed=run_config().seed,
-            device=torch.device("cpu"),
-        )
-    return out / "train.jsonl", out / "eval.jsonl"
+    ctx = context()
+    run_stages(ctx, ["prefs"])
+    return ctx.pairs
 
 
 def reward_model_checkpoint(progress: bool = False) -> Path:
     """The Bradley-Terry reward model on the lessons' pairs, trained if missing (lesson 04)."""
-    from minidpo.reward_model import RewardModelConfig, run_reward_model
+    from minidpo.pipeline import run_stages
 
-    train, held_out = preference_pairs()
-    out = folder() / "rm"
-    run_reward_model(
-        sft_path=sft_checkpoint(),
-        train_pairs=train,
-        eval_pairs=held_out,
-        out_dir=out,
-        cfg=config(RewardModelConfig, "rm"),
-        seed=run_config().seed,
-        device=torch.device("cpu"),
-        progress=progress,
-    )
-    return out / "checkpoint.pt"
+    ctx = context(progress)
+    run_stages(ctx, ["rm"])
+    return ctx.folder / "rm" / "checkpoint.pt"
 
 
 def dpo_checkpoint(progress: bool = False, **overrides) -> Path:

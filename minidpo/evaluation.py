@@ -75,18 +75,14 @@ def best_of_n_samples(ctx: Context) -> dict[str, Any]:
     picked = best_of_n(policy, tok, prompts, n=p.best_of_n, score_fn=score,
                        seed=ctx.run.seed + EVAL_SEED_OFFSET, temperature=ev.temperature,
                        max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    scored = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in picked]
     rows = [{"prompt": s.prompt, "response": s.response, "terminated": s.terminated,
-             "n_tokens": len(s.response_ids), "oracle": r}
-            for s, r in zip(picked, _oracle(picked), strict=True)]  # fmt: skip
+             "n_tokens": len(s.response_ids), "oracle": b.total, "unparseable": b.unparseable > 0}
+            for s, b in zip(picked, scored, strict=True)]  # fmt: skip
     atomic_write_jsonl(ctx.folder / "best-of-n" / "samples.jsonl", rows)
     n_gen = len(prompts) * p.best_of_n
     return {"n": p.best_of_n, "selections": len(rows), "samples_generated": n_gen,
             "tokens_forward": tokens[0], "tokens_backward": 0}  # fmt: skip
-
-
-def _unparseable(row: dict[str, Any]) -> bool:
-    b = reward_breakdown(row["prompt"], row["response"], terminated=row["terminated"])
-    return b.unparseable > 0
 
 
 def _point(result, **extra) -> dict[str, Any]:
@@ -108,8 +104,9 @@ def evaluate_snapshots(
             f"{file_sha256(snap)} {spp} {ev.temperature} {ev.max_new_tokens} {eval_seed}".encode()
         ).hexdigest()
         cache = snap.with_suffix(".eval.json")
-        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-            points.append(json.loads(cache.read_text())["point"])
+        saved = json.loads(cache.read_text()) if cache.exists() else {}
+        if saved.get("key") == key:
+            points.append(saved["point"])
             continue
         ck = load_checkpoint(snap, kind="policy")
         model = build_policy(ck)[0].to(ctx.device)
@@ -125,10 +122,11 @@ def evaluate_snapshots(
     return points
 
 
-def _sft_reference(ctx: Context, samples_per_prompt: int, seed: int | None = None):
-    """SFT (the reference) sampled once: its model, tokenizer, result and rewards."""
+def _sft_reference(ctx: Context, samples_per_prompt: int, seed: int | None = None, loaded=None):
+    """SFT (the reference) sampled once: its model, tokenizer, result and rewards
+    (`loaded`: the (model, tokenizer) when already in memory)."""
     ev = ctx.cfg["eval"]
-    ref, tok = load_policy(ctx.sft_path, ctx.device)
+    ref, tok = loaded or load_policy(ctx.sft_path, ctx.device)
     result, samples, rewards = evaluate_policy(
         ref, tok, _eval_prompts(), samples_per_prompt=samples_per_prompt,
         seed=(ctx.run.seed if seed is None else seed) + EVAL_SEED_OFFSET,
@@ -169,7 +167,8 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
     bon = [json.loads(x) for x in (ctx.folder / "best-of-n" / "samples.jsonl").open()]
     bon_eval = bon[: len(bon) - GRAVITY_SAMPLES]  # the last rows answer "Explain gravity."
     k, spp = p.best_of_n_samples_per_prompt, ev.samples_per_prompt
-    # pair selection j of prompt i with SFT sample j of prompt i (same prompt, paired seeds)
+    # win rate: selection j of prompt i against SFT sample j of the same prompt (the
+    # seeds differ: Best-of-N draws its candidates in one call of its own)
     paired = (
         [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(bon_eval))] if k <= spp else None
     )
@@ -177,7 +176,7 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
         Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in bon_eval
     ]
     bon_result = summarize(fake, [x["oracle"] for x in bon_eval],
-                           [_unparseable(x) for x in bon_eval],
+                           [x["unparseable"] for x in bon_eval],
                            None, paired)  # fmt: skip
     name = f"Best-of-{p.best_of_n}"
     final[name] = {**bon_result.to_dict(), "kl_mean": best_of_n_kl(p.best_of_n), "kl_se": 0.0,
@@ -190,7 +189,9 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
     frontier = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
                        elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
     if p.frontier_samples_per_prompt != ev.samples_per_prompt:
-        _, _, small, _, small_rewards = _sft_reference(ctx, p.frontier_samples_per_prompt)
+        _, _, small, _, small_rewards = _sft_reference(
+            ctx, p.frontier_samples_per_prompt, loaded=(ref, tok)
+        )
     else:
         small, small_rewards = sft_result, sft_rewards
     frontier[0].update(reward=small.reward_mean, reward_se=small.reward_se)
@@ -232,7 +233,8 @@ def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) ->
     points, refs = [], {}
     for method, setting, value, seed in runs:
         if seed not in refs:  # SFT sampled with each seed's evaluation seed: its own point
-            ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp, seed)
+            loaded = next(iter(refs.values()))[:2] if refs else None
+            ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp, seed, loaded)
             refs[seed] = (ref, tok, sft_rewards)
             points.append(_point(sft_result, method="SFT", setting="", seed=seed, step=0,
                                  elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5))  # fmt: skip

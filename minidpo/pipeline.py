@@ -357,7 +357,8 @@ STAGES: list[Stage] = [
                                c.cfg["pipeline"].best_of_n_samples_per_prompt]),
     Stage("eval", st_eval, ("eval",), ("dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n"),
           lambda c: [c.folder / "eval" / "results.json"],
-          extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt]),
+          extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
+                               c.cfg["pipeline"].reach_margin]),
     Stage("plots", st_plots, (), ("eval",), lambda c: sorted(c.folder.glob("plots/*.png"))),
     Stage("report", st_report, (), ("eval", "plots"), lambda c: [c.folder / "report.md"]),
 ]  # fmt: skip
@@ -471,6 +472,23 @@ def check_force(names: Sequence[str]) -> set[str]:
     return set(names)
 
 
+def run_stages(ctx: Context, names: Sequence[str]) -> dict[str, dict]:
+    """The named stages and every stage they read, in pipeline order, each skipped when
+    its stamp is current (what the sweep and the lessons use); returns the stamps."""
+    by_name = {s.name: s for s in STAGES}
+    needed, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += by_name[name].deps
+    stamps: dict[str, dict] = {}
+    for stage in STAGES:
+        if stage.name in needed:
+            run_stage(ctx, stage, stamps)
+    return stamps
+
+
 def run_pipeline(ctx: Context, until: str | None = None) -> dict[str, dict]:
     """Every stage in order (up to and including `until`); returns the stamps."""
     stamps: dict[str, dict] = {}
@@ -543,10 +561,7 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
     from minidpo.report import make_plots, write_report
 
     t0 = time.perf_counter()
-    stamps: dict[str, dict] = {}
-    for stage in STAGES:
-        if stage.name in ("tokenizer", "sft", "prefs", "ref_logps", "rm"):
-            run_stage(ctx, stage, stamps)
+    stamps = run_stages(ctx, ["ref_logps", "rm"])  # what the sweep's runs share
     for method, label, value, seed in sweep_runs(ctx):
         run_stage(ctx, sweep_stage(method, label, value, seed), stamps)
     ctx.log("[sweep] evaluating every snapshot")
