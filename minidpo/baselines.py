@@ -56,7 +56,6 @@ class PreferredFTConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(50, "held-out loss on the chosen responses every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    resume: bool = _f(False, "continue from the run's last Preferred-FT checkpoint")
     snapshot_every: int = _f(0, "save the weights every N steps for the frontier (0: off)")
 
 
@@ -107,7 +106,7 @@ def run_preferred_ft(
     checkpoint and pairs; an unfinished one is resumed.
     """
     stage_config = {
-        "preferred_ft": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "preferred_ft": to_dict(cfg),
         "seed": seed,
         "sft_sha256": file_sha256(sft_path),
         "pairs_sha256": file_sha256(train_pairs),
@@ -136,7 +135,7 @@ def run_preferred_ft(
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return {"loss": chosen_loss(m, eval_p, eval_r, tok.eot_id)}
 
-    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=cfg.resume or status != "fresh")
+    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=status != "fresh")
     t0 = time.perf_counter()
     last = train(
         policy,

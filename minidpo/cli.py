@@ -90,19 +90,33 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_samples(samples, *, show_breakdown: bool = False) -> float:
-    from minidpo.oracle import oracle_reward
-
-    total = 0.0
-    for s in samples:
-        r = oracle_reward(s.prompt, s.response, terminated=s.terminated)
-        total += r
+def _print_samples(samples, rewards: Sequence[float]) -> None:
+    for s, r in zip(samples, rewards, strict=True):
         end = "" if s.terminated else "  [no end-of-text]"
         print(f"[{r:+.2f}] {s.prompt}\n        {s.response}{end}")
-    return total / max(1, len(samples))
+
+
+def sample_summary(result, cfg: SampleConfig) -> list[str]:
+    """The three lines `minidpo sample` ends on: mean oracle reward ± its standard error,
+    then the unparseable and unterminated shares, each ± its binomial standard error."""
+    n = result.n_samples
+
+    def share(p: float) -> str:
+        return f"{100 * p:.1f} % ± {100 * (p * (1 - p) / n) ** 0.5:.1f}"
+
+    return [
+        f"oracle reward: {result.reward_mean:+.3f} ± {result.reward_se:.3f} (mean ± se over "
+        f"{n} samples, {cfg.split} prompts, temperature {cfg.temperature:g})",
+        f"unparseable: {share(result.unparseable_rate)} "
+        f"({round(result.unparseable_rate * n)} of {n} hold a sentence outside the world)",
+        f"unterminated: {share(result.unterminated_rate)} "
+        f"({round(result.unterminated_rate * n)} of {n} never emitted end-of-text)",
+    ]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from minidpo.evaluate import summarize
+    from minidpo.oracle import reward_breakdown
     from minidpo.policy import load_policy, sample_responses
     from minidpo.world import load_world
 
@@ -110,6 +124,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg = _cfg(SampleConfig, "sample", args)
     if cfg.split not in ("train", "eval"):
         raise MinidpoError(f"--split: {cfg.split!r} is not train or eval")
+    if cfg.n < 1:
+        raise MinidpoError(f"--n: must be >= 1, got {cfg.n}")
+    if cfg.show < 0:
+        raise MinidpoError(f"--show: must be >= 0, got {cfg.show}")
     path = Path(args.checkpoint) if args.checkpoint else run_dir(run) / "sft" / "checkpoint.pt"
     model, tok = load_policy(path, resolve_device(run.device))
     prompts = [p.text for p in load_world().prompts(cfg.split)]
@@ -123,8 +141,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_k=cfg.top_k,
         max_new_tokens=cfg.max_new_tokens,
     )
-    mean = _print_samples(samples)
-    print(f"mean oracle reward over {len(samples)} samples: {mean:+.3f}")
+    scored = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    rewards = [b.total for b in scored]
+    _print_samples(samples[: cfg.show], rewards[: cfg.show])
+    if cfg.show < len(samples):
+        print(f"... ({len(samples) - cfg.show} more not shown; --show N prints more)")
+    result = summarize(samples, rewards, [b.unparseable > 0 for b in scored], None, None)
+    print("\n".join(sample_summary(result, cfg)))
     return 0
 
 
@@ -290,7 +313,7 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
     run = _run(args)
     cfg = _cfg(PPOConfig, "ppo", args)
-    cfg.validate()
+    cfg.validate(oracle=args.reward == "oracle")
     device = resolve_device(run.device)
     if args.reward == "oracle":
         score_fn, value_init = oracle_scores, None
@@ -397,11 +420,14 @@ def cmd_gravity(args: argparse.Namespace) -> int:
 def _context(args: argparse.Namespace):
     """A pipeline Context from the flags: every stage group resolved for the preset."""
     from minidpo.pipeline import GROUPS, Context, check_force
+    from minidpo.sft import world_tokenizer
+    from minidpo.world import load_world
 
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
     cfg["ppo"].validate("ppo-")
     cfg["pipeline"].validate()  # before any stage runs, not after minutes of them
+    world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, in a fraction of a second
     forced = check_force(args.force or [])
     return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)
 

@@ -44,7 +44,11 @@ class RunConfig:
 class TokenizerConfig:
     """Byte-level BPE trained on the world's corpus."""
 
-    vocab_size: int = _f(768, "256 bytes + learned merges + 1 special token (<|endoftext|>)")
+    vocab_size: int = _f(
+        1856,
+        "256 bytes + learned merges + 1 special token (<|endoftext|>); the smallest multiple "
+        "of 32 at which every word of the world is at most 2 tokens",
+    )
 
 
 @dataclass
@@ -62,26 +66,28 @@ class ModelConfig:
 class SFTConfig:
     """Supervised fine-tuning on demonstrations."""
 
-    steps: int = _f(500, "optimizer steps")
+    steps: int = _f(3000, "optimizer steps (fewer leave more unparseable samples: README table)")
     batch_size: int = _f(32, "sequences per step")
     lr: float = _f(3e-3, "peak learning rate (AdamW)")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
     warmup_steps: int = _f(30, "linear warmup steps")
-    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (not on biases or norms)")
+    weight_decay: float = _f(
+        0.0, "AdamW weight decay on matrices (0.1 left more unparseable samples: README table)"
+    )
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    n_demos: int = _f(4000, "demonstrations sampled from the training prompts")
+    n_demos: int = _f(40000, "demonstrations sampled from the training prompts")
     n_eval_demos: int = _f(400, "demonstrations sampled from the held-out prompts")
     all_tokens: bool = _f(False, "train on prompt tokens too (default: response tokens only)")
-    eval_every: int = _f(100, "held-out loss every N steps")
-    ckpt_every: int = _f(100, "checkpoint every N steps")
-    resume: bool = _f(False, "continue from the run's last checkpoint")
+    eval_every: int = _f(500, "held-out loss every N steps")
+    ckpt_every: int = _f(500, "checkpoint every N steps")
 
 
 @dataclass
 class SampleConfig:
     """Sampling from a policy."""
 
-    n: int = _f(8, "samples to draw (cycling through the held-out prompts)")
+    n: int = _f(8, "samples to draw (cycling through the prompts of --split)")
+    show: int = _f(8, "samples to print with their reward (the summary covers all --n)")
     temperature: float = _f(1.0, "softmax temperature (0: greedy)")
     top_k: int = _f(0, "keep the k most likely tokens (0: all)")
     max_new_tokens: int = _f(64, "maximum response length in tokens")
@@ -119,7 +125,6 @@ class DPOConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(50, "held-out pair metrics every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    resume: bool = _f(False, "continue from the run's last DPO checkpoint")
     snapshot_every: int = _f(0, "save the weights every N steps for the frontier (0: off)")
 
 
@@ -134,7 +139,6 @@ class EvalConfig:
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "tokenizer": {"vocab_size": 768},
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128},
         "sft": {
             "steps": 20,
@@ -186,7 +190,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {},
     "gpu": {
-        "tokenizer": {"vocab_size": 1024},
         "model": {"n_layer": 8, "n_head": 8, "n_embd": 384, "block_size": 128},
         "sft": {"steps": 3000, "batch_size": 128, "lr": 1e-3, "n_demos": 40000},
         "prefs": {"samples_per_prompt": 16, "max_pairs_per_prompt": 32},

@@ -176,7 +176,7 @@ def run_dpo(
     """
     check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing)
     stage_config = {
-        "dpo": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "dpo": to_dict(cfg),
         "seed": seed,
         "sft_sha256": file_sha256(sft_path),
         "pairs_sha256": file_sha256(train_pairs),
@@ -212,7 +212,7 @@ def run_dpo(
         return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
 
     loop = LoopConfig.from_config(
-        cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=cfg.resume or status == "resume"
+        cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=status != "fresh"
     )
     t0 = time.perf_counter()
     last = train(

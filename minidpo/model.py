@@ -476,7 +476,9 @@ def sample_next_token(
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))  # (B, V)
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # (B, V)
+    # float64: a float32 cumsum over V terms carries about V ulps of rounding, enough for
+    # two batches whose logits differ in the last bit to land u on different tokens.
+    cdf = torch.softmax(logits.double(), dim=-1).cumsum(dim=-1)  # (B, V)
     # Scale u by the total so a cdf ending at 1 - eps cannot run off the end; right=True
     # skips zero-probability tokens (cdf[j] == cdf[j-1] can never bracket u).
     target = (uniforms.to(cdf) * cdf[:, -1])[:, None]  # (B, 1)

@@ -239,8 +239,8 @@ def st_rm(ctx: Context, force: bool) -> dict[str, Any]:
                          out_dir=ctx.folder / "rm", cfg=ctx.cfg["rm"], seed=ctx.run.seed,
                          device=ctx.device, progress=ctx.progress, force=force)  # fmt: skip
     rep = s.get("report") or {}
-    return {"heldout_accuracy": rep.get("heldout_accuracy"), "spearman": rep.get("spearman"),
-            **_train_summary(s, backward=True)}  # fmt: skip
+    keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "best_step", "spearman")
+    return {**{k: rep.get(k) for k in keep}, **_train_summary(s, backward=True)}
 
 
 def _ppo(ctx: Context, force: bool, reward: str, kl_coef: float, out: Path) -> dict[str, Any]:
@@ -249,14 +249,15 @@ def _ppo(ctx: Context, force: bool, reward: str, kl_coef: float, out: Path) -> d
 
     cfg = dataclasses.replace(ctx.cfg["ppo"], kl_coef=kl_coef)
     cfg = with_snapshots(cfg, "iterations")
-    if reward == "oracle":
+    if reward == "oracle":  # PPO-GT optimises r* exactly: the oracle charges its own -1
+        cfg = dataclasses.replace(cfg, missing_eot_penalty=0.0)
         score_fn, value_init = oracle_scores, None
     else:
         rm = load_reward_model(ctx.folder / "rm" / "checkpoint.pt", ctx.device)
         score_fn, value_init = rm.score, rm.model.state_dict()
     s = run_ppo(sft_path=ctx.sft_path, out_dir=out, cfg=cfg, score_fn=score_fn,
                 seed=ctx.run.seed, device=ctx.device, value_init=value_init,
-                progress=ctx.progress, force=force)  # fmt: skip
+                progress=ctx.progress, force=force, flag_prefix="ppo-")  # fmt: skip
     keep = ("eval_oracle_start", "eval_oracle", "eval_kl", "rollout_scores", "rollout_oracle",
             "time_per_iteration", "tokens_forward", "tokens_backward", "wall_s")  # fmt: skip
     return {k: s.get(k) for k in keep}

@@ -9,7 +9,10 @@ PPO trainer):
 2. log-probs of the sampled ids under the policy and the reference, both from
    ``logits / temperature`` (the distribution that was sampled), and the values;
 3. scoring: ``score_fn(samples) -> (B,)`` (the reward model for RLHF, the oracle for
-   PPO-GT); a response that never emitted end-of-text loses `missing_eot_penalty`;
+   PPO-GT); with a reward model, a response that never emitted end-of-text can also
+   lose `missing_eot_penalty` (lm-human-preferences; 0 by default). PPO-GT optimises
+   exactly r*: the oracle already charges -1 for such a response, so a penalty on top
+   is refused;
 4. per-token rewards -beta (log pi - log pi_ref), plus the score at the last token;
    GAE advantages and returns; advantages whitened (`minidpo.ppo_math`);
 5. `ppo_epochs` passes over shuffled minibatches: clipped surrogate (PPO Eq. 7) +
@@ -114,7 +117,9 @@ class PPOConfig:
     temperature: float = _f(1.0, "rollout sampling temperature (log-probs use logits / T)")
     max_new_tokens: int = _f(64, "longest response in tokens")
     missing_eot_penalty: float = _f(
-        1.0, "subtracted from the score of a response without end-of-text"
+        0.0,
+        "subtracted from a learned reward model's score of a response without end-of-text "
+        "(which the model cannot see; the oracle charges its own -1, so PPO-GT refuses it)",
     )
     whiten_rewards: bool = _f(False, "rescale per-token rewards to unit variance before GAE")
     eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
@@ -122,9 +127,10 @@ class PPOConfig:
     ckpt_every: int = _f(10, "checkpoint every N iterations")
     snapshot_every: int = _f(0, "save the weights every N iterations for the frontier (0: off)")
 
-    def validate(self, flag_prefix: str = "") -> None:
+    def validate(self, flag_prefix: str = "", *, oracle: bool = False) -> None:
         """Raise MinidpoError naming the flag of the first bad value (`flag_prefix`: the
-        command's prefix for PPO flags, ``ppo-`` in `minidpo pipeline`)."""
+        command's prefix for PPO flags, ``ppo-`` in `minidpo pipeline`). `oracle`: the
+        score is r* itself (PPO-GT), which takes no missing-end-of-text penalty."""
         f = f"--{flag_prefix}"
         if not self.kl_coef > 0:
             raise MinidpoError(f"{f}kl-coef: must be > 0, got {self.kl_coef}")
@@ -151,6 +157,12 @@ class PPOConfig:
             raise MinidpoError(
                 f"{f}minibatch-size {self.minibatch_size} exceeds {f}rollout-batch "
                 f"{self.rollout_batch}"
+            )
+        if oracle and self.missing_eot_penalty != 0:
+            raise MinidpoError(
+                f"{f}missing-eot-penalty: must be 0 against the oracle reward, got "
+                f"{self.missing_eot_penalty} (r* already charges -1 for a response "
+                "that never ended; the penalty is for a learned reward model)"
             )
 
 
@@ -271,6 +283,7 @@ def run_ppo(
     progress: bool = True,
     stop_after: int | None = None,
     force: bool = False,
+    flag_prefix: str = "",
 ) -> dict[str, Any]:
     """Train a policy with PPO from the SFT checkpoint at `sft_path`; returns a summary.
 
@@ -285,8 +298,10 @@ def run_ppo(
     `prompts` replaces the world's training prompts (each must fit the context with
     `max_new_tokens` to spare). With ``snapshot_every``, the policy's weights are also
     saved every that many iterations under ``snapshots/`` (the frontier's points).
+    `cfg` is validated first (errors name ``--{flag_prefix}<flag>``); with
+    ``score_fn=oracle_scores`` (PPO-GT) a nonzero `missing_eot_penalty` is refused.
     """
-    cfg.validate()
+    cfg.validate(flag_prefix, oracle=score_fn is oracle_scores)
     out_dir, device = Path(out_dir), torch.device(device)
     ckpt_path = out_dir / "checkpoint.pt"
     stage_config = {
@@ -494,7 +509,8 @@ def ppo_iteration(
     if scores.shape != (B,):
         raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({B},)")
     unterminated = torch.tensor([not s.terminated for s in samples])
-    scores = scores - cfg.missing_eot_penalty * unterminated.float()  # lm-human-preferences
+    # lm-human-preferences; a learned reward only (run_ppo refuses it with the oracle)
+    scores = scores - cfg.missing_eot_penalty * unterminated.float()
     oracle = oracle_scores(samples)
     scores = scores.to(device)
     t_scoring = time.perf_counter() - t0

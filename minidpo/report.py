@@ -366,6 +366,30 @@ def _fmt(v, spec: str, none: str = "–") -> str:
     return none if v is None else format(v, spec)
 
 
+def reward_model_lines(folder: Path, stamps: dict[str, dict]) -> list[str]:
+    """The reward model beside its ceiling, and the PPO settings that use it."""
+    rm = (stamps.get("rm") or {}).get("summary") or {}
+    if rm.get("heldout_accuracy") is None:
+        return []
+    penalty = None
+    pipeline = folder / "pipeline.json"
+    if pipeline.exists():
+        penalty = json.loads(pipeline.read_text())["config"]["ppo"].get("missing_eot_penalty")
+    best = rm.get("best_step")
+    return [
+        "## Reward model", "",
+        f"Held-out pair accuracy {rm['heldout_accuracy']:.1%} (the checkpoint with the best "
+        f"held-out accuracy{'' if best is None else f', step {best}'}), against a ceiling of "
+        f"{_fmt(rm.get('heldout_ceiling'), '.1%')}: the oracle's own agreement with the same "
+        "Bradley-Terry labels (ties count one half); gap "
+        f"{_fmt(None if rm.get('heldout_gap') is None else 100 * rm['heldout_gap'], '.1f')} "
+        f"points. Spearman correlation with the oracle on fresh SFT samples: "
+        f"{_fmt(rm.get('spearman'), '.3f')}. PPO against it subtracts "
+        f"{_fmt(penalty, 'g')} from the score of a response that never ends "
+        "(`--ppo-missing-eot-penalty`); PPO-GT optimises the oracle reward with no penalty on top.",
+    ]  # fmt: skip
+
+
 def write_report(folder: str | Path) -> Path:
     """``report.md``: plots, tables, "Explain gravity." side by side, the conclusion."""
     folder = Path(folder)
@@ -388,6 +412,7 @@ def write_report(folder: str | Path) -> Path:
         L.append(f"| {m} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} | "
                  f"{_fmt(r.get('win_rate_vs_ref'), '.1%')} | {r['unparseable_rate']:.1%} | "
                  f"{r['mean_length']:.1f} |")  # fmt: skip
+    L += ["", *reward_model_lines(folder, stamps)]
     L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
     L += ["## Cost per method", ""]
     rows = cost_table(folder)

@@ -18,6 +18,13 @@ Two optional terms, both off by default:
 Chosen and rejected rows go through the model in ONE forward over the same
 concatenated [chosen; rejected] batch as DPO (`minidpo.dpo.TokenizedPairs.batch`).
 
+Training keeps the checkpoint with the best held-out pair accuracy (the share of
+held-out pairs with r(chosen) > r(rejected), evaluated every `eval_every` steps), not
+the last one: `minidpo.training.train` with ``keep_best="accuracy"``. That accuracy is
+reported beside its ceiling, the oracle's own agreement with the same labels
+(`oracle_pair_agreement`): labels drawn by Bradley-Terry at a temperature tau > 0
+disagree with r* on some pairs, and a reward model is not expected to beat r* there.
+
 A Bradley-Terry reward is defined only up to a constant, so after training it is
 normalised as in lm-human-preferences (Ziegler et al. 2019): draw
 ``n_norm_samples`` SFT samples on the training prompts, score them, and store
@@ -25,10 +32,11 @@ normalised as in lm-human-preferences (Ziegler et al. 2019): draw
 `RewardModel.score` returns the normalised reward.
 
 Outputs under the stage's folder:
-    checkpoint.pt   kind "reward_model": model, optimizer, step, configs, tokenizer,
+    checkpoint.pt   kind "reward_model": model (the best evaluation's weights once done),
+                    optimizer, step, configs, tokenizer, best_step, best_value,
                     "normalization": {"gain", "bias"} (None until training is done)
     metrics.jsonl   train/ and eval/ loss, accuracy, margin per step
-    summary.json    final metrics, normalisation, and `reward_model_report`
+    summary.json    last metrics, best_step/best_value, normalisation, `reward_model_report`
 
 Left out: an ensemble of reward models, a separate value head, per-token rewards,
 and re-normalising against the PPO policy's own samples during RL.
@@ -65,7 +73,7 @@ from minidpo.training import (
     stage_status,
     train,
 )
-from minidpo.world import format_prompt, load_world
+from minidpo.world import World, format_prompt, load_world
 
 
 @dataclass
@@ -83,9 +91,10 @@ class RewardModelConfig:
         False, "subtract the pair's score margin inside the sigmoid (Llama 2's margin loss)"
     )
     center_coef: float = _f(0.0, "coefficient of the reward-centering term c * (r_w + r_l)^2")
-    eval_every: int = _f(50, "held-out pair metrics every N steps")
+    eval_every: int = _f(
+        10, "held-out pair metrics every N steps; the best accuracy's weights are kept (~10 evals)"
+    )
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    resume: bool = _f(False, "continue from the run's last reward-model checkpoint")
     n_norm_samples: int = _f(320, "SFT samples on the training prompts used to normalise")
     max_new_tokens: int = _f(64, "length limit of the normalisation and report samples")
     report_samples_per_prompt: int = _f(
@@ -188,6 +197,23 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     dx, dy = rx - rx.mean(), ry - ry.mean()
     denom = float(np.sqrt((dx * dx).sum() * (dy * dy).sum()))
     return float((dx * dy).sum() / denom) if denom > 0 else float("nan")
+
+
+def oracle_pair_agreement(pairs: Sequence[PreferencePair], world: World | None = None) -> float:
+    """Share of pairs the oracle itself orders as labelled: r*(x, y_w) > r*(x, y_l) counts 1,
+    a tie 1/2 (a coin flip), each response scored with its own terminated flag.
+
+    The ceiling of a reward model's held-out accuracy on the same pairs; NaN for no pairs.
+
+    Example: a correct fact (+1) chosen over a wrong claim (-1) counts 1; two facts 1/2.
+    """
+    world = load_world() if world is None else world
+    agree = []
+    for p in pairs:
+        r_w = oracle_reward(p.prompt, p.chosen, terminated=p.chosen_terminated, world=world)
+        r_l = oracle_reward(p.prompt, p.rejected, terminated=p.rejected_terminated, world=world)
+        agree.append(1.0 if r_w > r_l else 0.5 if r_w == r_l else 0.0)
+    return float(np.mean(agree)) if agree else float("nan")
 
 
 def pair_metrics(losses: torch.Tensor, r_chosen: torch.Tensor, r_rejected: torch.Tensor):
@@ -321,6 +347,8 @@ def reward_model_report(
     """How well the reward model stands in for the oracle on held-out data.
 
     - heldout_accuracy: share of held-out pairs with r(chosen) > r(rejected);
+    - heldout_ceiling: the oracle's own agreement with those labels
+      (`oracle_pair_agreement`), and heldout_gap = heldout_ceiling - heldout_accuracy;
     - spearman: rank correlation between the reward model and the oracle reward on
       `samples_per_prompt` fresh samples of `policy` (pi_SFT) per prompt.
     """
@@ -339,8 +367,12 @@ def reward_model_report(
         policy, rm.tok, expanded, seed=seed, temperature=1.0, max_new_tokens=max_new_tokens
     )
     oracle = [oracle_reward(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    accuracy = float((rc > rr).float().mean())
+    ceiling = oracle_pair_agreement(eval_pairs)
     return {
-        "heldout_accuracy": float((rc > rr).float().mean()),
+        "heldout_accuracy": accuracy,
+        "heldout_ceiling": ceiling,
+        "heldout_gap": ceiling - accuracy,
         "n_heldout_pairs": len(eval_pairs),
         "spearman": spearman(rm.score(samples).numpy(), oracle),
         "n_spearman_samples": len(samples),
@@ -367,13 +399,16 @@ def run_reward_model(
 
     Skipped when `out_dir` holds a finished run of the same configuration, SFT
     checkpoint and pairs; an unfinished one is resumed (a run killed after training
-    but before normalising resumes straight into the normalisation).
+    but before normalising resumes straight into the normalisation); `force` starts
+    afresh. With `eval_pairs`, the weights kept are those of the evaluation with the
+    best held-out accuracy (``best_step`` in the summary); without, the last ones.
     """
     if cfg.n_norm_samples < 2:
         raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
     if cfg.center_coef < 0:
         raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
     stage_config = {
+        # "resume" is no setting (an unfinished run always resumes): dropped if given
         "reward_model": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
         "seed": seed,
         "sft_sha256": file_sha256(sft_path),
@@ -426,7 +461,7 @@ def run_reward_model(
             all_r.append(rr)
         return pair_metrics(torch.cat(all_l), torch.cat(all_c), torch.cat(all_r))
 
-    loop = LoopConfig.from_config(cfg, desc="reward model", resume=cfg.resume or status != "fresh")
+    loop = LoopConfig.from_config(cfg, desc="reward model", resume=status != "fresh")
     t0 = time.perf_counter()
     last = train(
         model,
@@ -446,6 +481,7 @@ def run_reward_model(
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
+        keep_best="accuracy" if eval_pairs is not None else None,
     )
     ckpt = load_checkpoint(ckpt_path, kind="reward_model")
     if not ckpt["done"]:
@@ -470,12 +506,14 @@ def run_reward_model(
 
     summary: dict[str, Any] = {
         **last,
+        "best_step": ckpt.get("best_step"),  # None without held-out pairs: the last weights
+        "best_value": ckpt.get("best_value"),
         "done": True,
         "normalization": {"gain": gain, "bias": bias, "raw_mean": float(raw.double().mean())},
         "n_train_pairs": len(train_data),
     }
     if eval_pairs is not None and cfg.report_samples_per_prompt > 0:
-        summary["report"] = reward_model_report(
+        report = reward_model_report(
             rm,
             policy,
             eval_pairs=eval_list,
@@ -484,6 +522,7 @@ def run_reward_model(
             seed=_seed(seed, 6),
             max_new_tokens=cfg.max_new_tokens,
         )
+        summary["report"] = {**report, "best_step": ckpt.get("best_step")}
     summary["wall_s_total"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

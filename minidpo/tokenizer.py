@@ -187,6 +187,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(merges)
 
 
+def coverage_problem(tok: Tokenizer, texts: Iterable[str], max_tokens_per_word: int) -> str | None:
+    """The first way `tok` splits the words of `texts` badly, or None if it splits none.
+
+    A word is a pretoken of the split pattern (" Gravity", with its leading space). Two
+    things are checked, in this order: a word that is a space before a letter must not
+    start with a lone " " token (the model would spell every later sentence's first word
+    from a space it learns nothing from), and no word may take more than
+    `max_tokens_per_word` tokens.
+
+    Example: a tokenizer that never saw " Moon" gives
+    "' Moon' starts with a lone ' ' token: [32, ...]".
+    """
+    words = sorted({w for text in texts for w in tok._compiled.findall(text)})
+    lone = tok.ranks.get(b" ")
+    for w in words:
+        ids = tok.encode(w)
+        if len(w) > 1 and w[0] == " " and w[1].isalpha() and ids[0] == lone and len(ids) > 1:
+            return f"{w!r} starts with a lone ' ' token: {ids}"
+    for w in words:
+        ids = tok.encode(w)
+        if len(ids) > max_tokens_per_word:
+            return f"{w!r} takes {len(ids)} tokens (at most {max_tokens_per_word} allowed): {ids}"
+    return None
+
+
 # ---------------------------------------------------------------- the tokenizer
 
 

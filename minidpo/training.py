@@ -7,7 +7,9 @@ progress bar, and checkpoints written atomically so a killed run resumes where i
 left off. `train` runs that loop; the stage supplies only a `loss_fn` and a
 deterministic `get_batch(step)`. Because the batch of step s depends on (seed, s)
 alone, a run stopped after k steps and resumed ends with the same weights as one
-that was never stopped.
+that was never stopped. With `keep_best`, the run ends with the weights of its best
+evaluation instead of its last (early stopping by checkpoint selection, as reward
+models are usually trained), and that choice resumes exactly too.
 
 Left out: gradient accumulation, mixed precision, distributed training; the
 models here are small enough not to need them.
@@ -179,8 +181,9 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     snapshot_every: int = 0,
-) -> dict[str, float]:
-    """Run the shared loop; returns the last logged metrics.
+    keep_best: str | None = None,
+) -> dict[str, Any]:
+    """Run the shared loop; returns the last logged metrics (+ wall_s, tokens_per_s, best_*).
 
     `get_batch(step)` must be a pure function of the step (seeded per step), and
     `loss_fn(model, batch)` returns the scalar loss and a dict of floats to log
@@ -193,10 +196,22 @@ def train(
     checkpoint without the optimizer), for evaluating the policy along training.
     Each row logs ``tokens`` (cumulative tokens through forward and backward) and
     ``time/elapsed`` (cumulative training seconds, carried across a resume).
+
+    `keep_best` names a key of `eval_fn`'s dict (``"accuracy"``) to maximise: the
+    weights of the best evaluation (ties: the earliest; NaN loses) are kept, and
+    the final checkpoint (``done=True``) holds THOSE as ``model`` (its optimizer is
+    the last step's). Until then the checkpoint holds the current weights and
+    optimizer plus ``best_model``, so a resumed run chooses exactly as an
+    uninterrupted one. Checkpoint and returned dict record ``best_metric``
+    (``"eval/accuracy"``), ``best_step`` and ``best_value``.
     """
+    if keep_best is not None and eval_fn is None:
+        raise ValueError("train: keep_best needs an eval_fn to choose by")
     ckpt_path = Path(ckpt_path)
     optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
     start, tokens_before, elapsed_before = 0, 0, 0.0
+    best: BestWeights | None = None
+    best_metric = None if keep_best is None else f"eval/{keep_best}"
     if loop.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
@@ -204,25 +219,31 @@ def train(
         start = int(ckpt["step"])
         tokens_before = int(ckpt.get("tokens", 0))
         elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        if best_metric is not None and ckpt.get("best_metric") == best_metric:
+            weights = ckpt["model"] if ckpt.get("done") else ckpt.get("best_model")
+            if weights is not None:
+                best = BestWeights(int(ckpt["best_step"]), float(ckpt["best_value"]), weights)
     log = MetricsLog(metrics_path, resume_step=start)
     if start == 0:
         shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
 
     def checkpoint(step: int, done: bool) -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                **checkpoint_extra,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "done": done,
-                "tokens": tokens_before + tokens,
-                "elapsed_s": elapsed_before + time.perf_counter() - t0,
-            },
-        )
+        state = {
+            **checkpoint_extra,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "done": done,
+            "tokens": tokens_before + tokens,
+            "elapsed_s": elapsed_before + time.perf_counter() - t0,
+        }
+        if best is not None:
+            state.update(best_metric=best_metric, best_step=best.step, best_value=best.value)
+            state["model" if done else "best_model"] = best.model  # done: the chosen weights
+        save_checkpoint(ckpt_path, state)
 
     last: dict[str, float] = {}
+    reached = start
     bar = tqdm(range(start, loop.steps), desc=loop.desc, disable=not progress, leave=False)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
@@ -244,13 +265,19 @@ def train(
         )
         optimizer.step()
         tokens += int(metrics.get("tokens", 0))
-        done_steps = step + 1
+        done_steps = reached = step + 1
         row = {"step": done_steps, "lr": lr, "grad_norm": float(grad_norm)}
         row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})
         if eval_fn is not None and (done_steps % loop.eval_every == 0 or done_steps == loop.steps):
             model.eval()
             with torch.no_grad():
                 row.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+            if best_metric is not None:
+                if best_metric not in row:
+                    raise ValueError(f"train: keep_best {keep_best!r} is not a key eval_fn returns")
+                value = float(row[best_metric])
+                if improves(value, None if best is None else best.value):
+                    best = BestWeights(done_steps, value, copy_state(model))
         row["tokens"] = tokens_before + tokens
         row["time/elapsed"] = elapsed_before + time.perf_counter() - t0
         log.log(row)
@@ -266,12 +293,46 @@ def train(
         elif done_steps % loop.ckpt_every == 0:
             checkpoint(done_steps, done=False)
         if stop_after is not None and done_steps - start >= stop_after:
-            checkpoint(done_steps, done=False)
+            if done_steps < loop.steps:  # the last step already wrote the done checkpoint
+                checkpoint(done_steps, done=False)
             break
     bar.close()
-    last["wall_s"] = time.perf_counter() - t0
-    last["tokens_per_s"] = tokens / max(last["wall_s"], 1e-9)
-    return last
+    out: dict[str, Any] = dict(last)
+    out["wall_s"] = time.perf_counter() - t0
+    out["tokens_per_s"] = tokens / max(out["wall_s"], 1e-9)
+    if best is not None:
+        if reached == loop.steps:
+            model.load_state_dict(best.model)  # the run is over: leave the chosen weights
+        out.update(best_metric=best_metric, best_step=best.step, best_value=best.value)
+    return out
+
+
+@dataclass
+class BestWeights:
+    """The weights of the best evaluation so far (`train`'s ``keep_best``)."""
+
+    step: int
+    value: float
+    model: dict[str, torch.Tensor]
+
+
+def improves(value: float, best: float | None) -> bool:
+    """Whether an evaluation `value` replaces the `best` so far (None: none yet) under
+    `train`'s ``keep_best``: strictly greater, so ties keep the earliest; NaN never beats
+    a number, any number beats NaN.
+
+    Example: improves(0.5, 0.5) is False; improves(0.5, float("nan")) is True.
+    """
+    if best is None:
+        return True
+    if math.isnan(value):
+        return False
+    return math.isnan(best) or value > best
+
+
+def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state_dict (same devices), immune to later steps."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def save_snapshot(

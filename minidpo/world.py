@@ -200,8 +200,18 @@ class World:
         return list(self._sentences)
 
     def corpus(self) -> list[str]:
-        """Every prompt text (both splits) and every sentence: the tokenizer's training text."""
-        return list(self._prompt_by_text) + self.sentences()
+        """The tokenizer's training text: every piece of text in the form the model sees it.
+
+        Each prompt as `format_prompt` writes it (both splits), and each sentence twice:
+        as a response opens ("Gravity is ...") and as it follows another sentence
+        (" Gravity is ..."). A multi-sentence response is one of those openings followed
+        by those continuations, so under the GPT-2 split pattern this list holds every
+        pretoken of every demonstration, each word with the leading space it carries
+        there. (Trained on bare sentences alone, BPE never sees " Gravity" and every
+        later sentence of a response starts with a lone " " token.)
+        """
+        prompts = [format_prompt(text) for text in self._prompt_by_text]
+        return prompts + [form for s in self.sentences() for form in (s, " " + s)]
 
 
 # ---------------------------------------------------------------- loading

@@ -132,3 +132,37 @@ def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, 
         progress=False,
     )
     assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+
+def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_force_restarts(tiny_sft, tmp_path):
+    """The one rule of every training stage: an interrupted run resumes from its last
+    checkpoint (same weights and metrics as an uninterrupted one), a finished one is
+    skipped, `force` starts afresh."""
+    train = save_pairs(tmp_path / "train.jsonl", _pairs("train", 24))
+    cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5,
+                            ckpt_every=2)  # fmt: skip
+
+    def run(out, **kw):
+        return run_preferred_ft(sft_path=tiny_sft, train_pairs=train, eval_pairs=None,
+                                out_dir=out, cfg=cfg, seed=0, device=torch.device("cpu"),
+                                progress=False, **kw)  # fmt: skip
+
+    run(tmp_path / "full")
+    run(tmp_path / "cut", stop_after=5)
+    assert not load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["done"]
+    run(tmp_path / "cut")  # the same call again: resumes at step 5
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert cut["done"] and cut["step"] == 10
+    for k in full["model"]:
+        torch.testing.assert_close(cut["model"][k], full["model"][k], atol=0, rtol=0, msg=k)
+    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in
+             read_metrics(tmp_path / "full" / "metrics.jsonl")]  # fmt: skip
+    assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in
+                     read_metrics(tmp_path / "cut" / "metrics.jsonl")]  # fmt: skip
+    mtime = (tmp_path / "cut" / "checkpoint.pt").stat().st_mtime_ns
+    run(tmp_path / "cut", force=True)  # afresh: rewritten, same numbers
+    assert (tmp_path / "cut" / "checkpoint.pt").stat().st_mtime_ns != mtime
+    again = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    for k in full["model"]:
+        torch.testing.assert_close(again[k], full["model"][k], atol=0, rtol=0, msg=k)

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minidpo.cli import main
@@ -80,9 +81,43 @@ def test_score_unknown_prompt(capsys):
 def test_tiny_sft_then_sample(tmp_path, capsys):
     common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu"]
     assert main(["sft", *common]) == 0
-    assert main(["sample", *common, "--n", "3"]) == 0
+    assert main(["sample", *common, "--n", "5", "--show", "2"]) == 0
     out = capsys.readouterr().out
-    assert "held-out loss" in out and "mean oracle reward over 3 samples" in out
+    assert "held-out loss" in out and "(3 more not shown" in out
+    shown = [float(m) for m in re.findall(r"^\[([+-]\d+\.\d+)\]", out, flags=re.M)]
+    assert len(shown) == 2
+    # the three summary lines agree with a recomputation from the same samples
+    from minidpo.oracle import reward_breakdown
+    from minidpo.policy import load_policy, sample_responses
+    from minidpo.world import load_world
+
+    model, tok = load_policy(tmp_path / "default" / "sft" / "checkpoint.pt")
+    prompts = [p.text for p in load_world().prompts("eval")][:5]
+    samples = sample_responses(model, tok, prompts, seed=0, max_new_tokens=48)
+    b = [reward_breakdown(x.prompt, x.response, terminated=x.terminated) for x in samples]
+    r = np.array([x.total for x in b])
+    mean, se = r.mean(), r.std(ddof=1) / np.sqrt(5)
+    unp = sum(x.unparseable > 0 for x in b)
+    unt = sum(not x.terminated for x in samples)
+    assert shown == pytest.approx(list(np.round(r[:2], 2)), abs=1e-9)
+    assert f"oracle reward: {mean:+.3f} ± {se:.3f} (mean ± se over 5 samples, eval prompts" in out
+    assert f"unparseable: {100 * unp / 5:.1f} % ± " in out and f"({unp} of 5 hold" in out
+    assert f"unterminated: {100 * unt / 5:.1f} % ± " in out and f"({unt} of 5 never" in out
+
+
+def test_sample_summary_known_answer():
+    from minidpo.cli import sample_summary
+    from minidpo.config import SampleConfig
+    from minidpo.evaluate import EvalResult
+
+    res = EvalResult(n_samples=1000, reward_mean=1.2345, reward_se=0.0321, reward_std=1.0,
+                     kl_mean=None, kl_se=None, win_rate_vs_ref=None, mean_length=20.0,
+                     unparseable_rate=0.02, unterminated_rate=0.001)  # fmt: skip
+    lines = sample_summary(res, SampleConfig())
+    assert lines[0].startswith("oracle reward: +1.234 ± 0.032 (mean ± se over 1000 samples")
+    # binomial se: sqrt(0.02 * 0.98 / 1000) = 0.443 %; sqrt(0.001 * 0.999 / 1000) = 0.0999 %
+    assert lines[1].startswith("unparseable: 2.0 % ± 0.4 (20 of 1000")
+    assert lines[2].startswith("unterminated: 0.1 % ± 0.1 (1 of 1000")
 
 
 def test_gravity_prints_the_worked_example(capsys):
@@ -176,3 +211,20 @@ def test_prompt_file_errors_name_the_file(tmp_path, tiny_sft):
     good = tmp_path / "good.txt"
     good.write_text(" Explain gravity. \n\nWhat is buoyancy?\n")
     assert load_prompts(good, tok, 128, 48) == ["Explain gravity.", "What is buoyancy?"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sft", "--resume"], ["dpo", "--resume"], ["rm", "--resume"], ["preferred-ft", "--resume"],
+     ["ppo", "--resume"], ["pipeline", "--sft-resume"], ["pipeline", "--dpo-resume"]],
+)  # fmt: skip
+def test_resume_is_automatic_so_no_stage_has_a_resume_flag(argv, tmp_path, capsys):
+    """One rule, in every stage command and in the pipeline: a finished stage with the
+    same settings is skipped, an interrupted one resumes, --force starts afresh. A
+    --resume flag that could disagree with it does not exist."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--runs-dir", str(tmp_path)])
+    assert e.value.code == 2
+    (line,) = _err_lines(capsys)
+    assert "unrecognized arguments: --" in line and "resume" in line
+    assert not any(tmp_path.iterdir())

@@ -155,6 +155,30 @@ def test_missing_eot_penalty_and_adaptive_kl(sft_path, tmp_path):
     assert rows[1]["objective/kl_coef"] == pytest.approx(0.05 * 0.9, rel=1e-9)
 
 
+def test_ppo_gt_optimises_exactly_the_oracle_reward(full_run):
+    """PPO-GT's score is r* itself: the oracle charges an unterminated response its own -1,
+    so no penalty is added on top (it used to be, for -2 in all). 1e-6: float32 means."""
+    out, _ = full_run
+    assert PPOConfig().missing_eot_penalty == 0.0
+    rows = read_metrics(out / "metrics.jsonl")[1:]
+    assert any(r["objective/unterminated"] > 0 for r in rows), "no unterminated response: no test"
+    for r in rows:
+        assert abs(r["objective/scores"] - r["objective/oracle"]) <= 1e-6, (
+            f"step {r['step']}: scores {r['objective/scores']} vs oracle {r['objective/oracle']}"
+        )
+
+
+@pytest.mark.parametrize("prefix", ["", "ppo-"])
+def test_missing_eot_penalty_is_refused_with_the_oracle(sft_path, tmp_path, prefix):
+    cfg = tiny_cfg(missing_eot_penalty=1.0)
+    with pytest.raises(MinidpoError, match=f"^--{prefix}missing-eot-penalty: must be 0"):
+        ppo(sft_path, tmp_path / "gt", cfg=cfg, flag_prefix=prefix)
+    assert not (tmp_path / "gt").exists()  # refused before anything is written
+    cfg.validate(prefix)  # a learned reward model may take it
+    with pytest.raises(MinidpoError, match=f"--{prefix}missing-eot-penalty"):
+        cfg.validate(prefix, oracle=True)
+
+
 def test_value_init_from_a_reward_model_state_dict(sft_path, tmp_path):
     policy, _ = load_policy(sft_path)
     rm = ScalarHeadModel(GPT(policy.config), generator=torch.Generator().manual_seed(1))

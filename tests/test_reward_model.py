@@ -1,4 +1,5 @@
-"""The reward model: Bradley-Terry loss, reading at end-of-text, normalisation, Spearman, stage."""
+"""The reward model: Bradley-Terry loss, reading at end-of-text, normalisation, Spearman,
+the oracle's ceiling, and the stage (best-checkpoint selection, resume)."""
 
 import math
 
@@ -16,8 +17,10 @@ from minidpo.reward_model import (
     RewardModelConfig,
     average_ranks,
     bradley_terry_loss,
+    build_reward_model,
     load_reward_model,
     normalization,
+    oracle_pair_agreement,
     pair_rewards,
     read_at,
     reward_inputs,
@@ -25,7 +28,7 @@ from minidpo.reward_model import (
     spearman,
 )
 from minidpo.tokenizer import train_bpe
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.training import LoopConfig, load_checkpoint, read_metrics
 from minidpo.world import load_world
 
 # ------------------------------------------------------------------ pure math
@@ -99,6 +102,26 @@ def test_spearman_known_answers():
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
 
 
+def test_oracle_pair_agreement_known_answer():
+    world = load_world()
+    p = world.prompts("eval")[0]
+    t = world.topics[p.topic]
+    fact, fact2, vague, wrong = t.facts[0], t.facts[1], t.vague[0], t.wrong[0]
+    pairs = [
+        PreferencePair(p.text, fact, wrong),  # r* +1 > -1: agrees, 1
+        PreferencePair(p.text, wrong, fact),  # -1 < +1: disagrees, 0
+        PreferencePair(p.text, fact, fact2),  # +1 = +1: a tie, 1/2
+        # the chosen fact never ended: +1 - 1 = 0 < vague +0.25: disagrees, 0
+        PreferencePair(p.text, fact, vague, chosen_terminated=False),
+        # the rejected fact never ended: vague +0.25 > 0: agrees, 1
+        PreferencePair(p.text, vague, fact, rejected_terminated=False),
+    ]
+    # (1 + 0 + 0.5 + 0 + 1) / 5
+    assert oracle_pair_agreement(pairs) == pytest.approx(0.5, abs=1e-12)
+    assert oracle_pair_agreement(pairs[:1], world=world) == 1.0
+    assert math.isnan(oracle_pair_agreement([]))
+
+
 # ------------------------------------------------------------------ the stage, tiny
 
 
@@ -120,7 +143,7 @@ def _cfg(**kw):
         batch_size=8,
         lr=3e-3,
         warmup_steps=2,
-        eval_every=6,
+        eval_every=3,
         ckpt_every=6,
         n_norm_samples=24,
         max_new_tokens=24,
@@ -171,15 +194,56 @@ def test_tiny_run_writes_checkpoint_metrics_and_summary(trained):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     names = {f"{split}/{m}" for split in ("train", "eval") for m in ("loss", "accuracy", "margin")}
-    assert names <= set(rows[-1]) and names <= set(rows[5])  # eval every 6 steps
+    assert names <= set(rows[-1]) and names <= set(rows[5])  # eval every 3 steps
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [3, 6, 9, 12]
     assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
     # fact-vs-wrong pairs are easy: the loss falls from its start near log 2
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
     report = summary["report"]
     assert report["n_heldout_pairs"] == 8 and report["n_spearman_samples"] == 2 * 40
     assert -1.0 <= report["spearman"] <= 1.0
-    # the report's held-out accuracy is the eval accuracy of the final model
-    assert report["heldout_accuracy"] == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-9)
+    # the oracle orders every fact-vs-wrong pair as labelled: the ceiling is 1
+    assert report["heldout_ceiling"] == 1.0
+    assert report["heldout_gap"] == pytest.approx(1.0 - report["heldout_accuracy"], abs=1e-12)
+    assert report["best_step"] == summary["best_step"] == ckpt["best_step"]
+    assert summary["best_value"] == ckpt["best_value"]
+
+
+def test_final_weights_are_those_of_the_best_evaluation(trained):
+    """The stage keeps the evaluation with the best held-out accuracy (ties: the earliest).
+
+    Recomputed from the final checkpoint (raw rewards, each pair's texts re-tokenised):
+    the accuracy equals the best logged eval/accuracy (1e-9: a count over 8 pairs), and
+    the loss and margin equal eval/loss and eval/margin at best_step (1e-6: the same
+    float32 forward, measured 0 on the CPU) and not the last step's unless that step is
+    best_step. (On the tiny run every evaluation scores 7/8, so the earliest, step 3, is
+    kept and its loss differs from step 12's by ~0.5.)
+    """
+    out, summary = trained
+    ckpt = load_checkpoint(out / "checkpoint.pt", kind="reward_model")
+    evals = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r}
+    accs = [r["eval/accuracy"] for r in evals.values()]
+    best_step = list(evals)[accs.index(max(accs))]  # index(): the earliest of ties
+    assert ckpt["best_step"] == summary["best_step"] == best_step
+    assert ckpt["best_value"] == pytest.approx(max(accs), abs=1e-12)
+    model, tok = build_reward_model(ckpt)
+    raw = RewardModel(model, tok, gain=1.0, bias=0.0)
+    pairs = _pairs("eval", 8)
+    prompts = [p.prompt for p in pairs]
+    rc = raw.score_texts(prompts, [p.chosen for p in pairs], [True] * len(pairs))
+    rr = raw.score_texts(prompts, [p.rejected for p in pairs], [True] * len(pairs))
+    got = {
+        "eval/accuracy": float((rc > rr).float().mean()),
+        "eval/loss": float(bradley_terry_loss(rc, rr).mean()),
+        "eval/margin": float((rc - rr).mean()),
+    }
+    for key, tol in (("eval/accuracy", 1e-9), ("eval/loss", 1e-6), ("eval/margin", 1e-6)):
+        want = evals[best_step][key]
+        assert abs(got[key] - want) <= tol, f"{key}: {got[key]} vs {want} at step {best_step}"
+    if best_step != 12:
+        last_loss = evals[12]["eval/loss"]
+        assert abs(got["eval/loss"] - last_loss) > 1e-4, "these are the last weights"
+    assert summary["report"]["heldout_accuracy"] == pytest.approx(max(accs), abs=1e-9)
 
 
 def test_normalisation_is_mean_zero_std_one_on_its_samples(trained, tiny_sft):
@@ -241,12 +305,27 @@ def test_unfinished_run_cannot_be_loaded_and_resumes(tiny_sft, pair_files, train
     assert summary["done"] is False
     with pytest.raises(MinidpoError, match="not normalised"):
         load_reward_model(out / "checkpoint.pt")
+    stopped = load_checkpoint(out / "checkpoint.pt")
+    assert stopped["step"] == 5 and stopped["best_step"] == 3 and "best_model" in stopped
     _run(tiny_sft, pair_files, out)
     full = load_checkpoint(trained[0] / "checkpoint.pt")
     resumed = load_checkpoint(out / "checkpoint.pt")
     for k in full["model"]:
         torch.testing.assert_close(resumed["model"][k], full["model"][k], atol=0, rtol=0)
     assert resumed["normalization"] == full["normalization"]
+    for key in ("best_metric", "best_step", "best_value"):
+        assert resumed[key] == full[key], key
+
+    def no_time(path):
+        return [{k: v for k, v in r.items() if k != "time/elapsed"} for r in read_metrics(path)]
+
+    assert no_time(out / "metrics.jsonl") == no_time(trained[0] / "metrics.jsonl")
+
+
+def test_resume_is_no_setting_of_the_stage():
+    """A finished stage is skipped, an unfinished one always resumes, --force starts afresh."""
+    assert not hasattr(RewardModelConfig(), "resume")
+    assert LoopConfig.from_config(RewardModelConfig(), desc="rm", resume=True).resume
 
 
 def test_margin_option_needs_scores(tiny_sft, tmp_path):

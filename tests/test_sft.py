@@ -42,7 +42,7 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path):
     run_sft(*_cfgs(tmp_path, "cut"), progress=False, stop_after=7)
     stopped = load_checkpoint(tmp_path / "cut" / "sft" / "checkpoint.pt")
     assert stopped["step"] == 7 and not stopped["done"]
-    run_sft(*_cfgs(tmp_path, "cut", resume=True), progress=False)
+    run_sft(*_cfgs(tmp_path, "cut"), progress=False)  # the same call again: resumes
     full = load_checkpoint(tmp_path / "full" / "sft" / "checkpoint.pt")["model"]
     resumed = load_checkpoint(tmp_path / "cut" / "sft" / "checkpoint.pt")["model"]
     for k in full:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import random
@@ -16,6 +17,7 @@ from minidpo.tokenizer import (
     GPT2_SPLIT_PATTERN,
     Tokenizer,
     bpe_piece,
+    coverage_problem,
     get_stats,
     merge,
     train_bpe,
@@ -300,20 +302,96 @@ def test_bad_merges_in_constructor_raise() -> None:
             Tokenizer(merges)
 
 
-def test_world_corpus_ids_identical_and_round_trip() -> None:
-    """The project's real tokenizer (the cpu preset's 768 tokens) on the world's whole corpus,
-    and on demonstrations built from it: tiktoken and the pure-Python encoder agree."""
+@pytest.fixture(scope="module")
+def world_tok() -> Tokenizer:
+    """The project's real tokenizer: the cpu preset's vocabulary on the world's corpus."""
+    from minidpo.config import TokenizerConfig
+    from minidpo.sft import world_tokenizer
+    from minidpo.world import load_world
+
+    return world_tokenizer(TokenizerConfig(), load_world())
+
+
+def _demo_texts(n: int) -> list[str]:
+    """`n` demonstrations as the model sees them: formatted prompt + response."""
     import numpy as np
 
     from minidpo.world import format_prompt, load_world, sample_demonstrations
 
-    world = load_world()
-    corpus = world.corpus()
-    tok = train_bpe(corpus, 768)
-    demos = sample_demonstrations(world, 200, np.random.default_rng(0))
-    texts = [*corpus, *(format_prompt(d.prompt) + d.response for d in demos)]
-    for text in texts:
-        ids = tok.encode(text)
-        assert ids == tok.encode_slow(text), text
-        assert tok.decode(ids) == text
-    assert tok.encode(" ".join(corpus)) == tok.encode_slow(" ".join(corpus))
+    demos = sample_demonstrations(load_world(), n, np.random.default_rng(0))
+    return [format_prompt(d.prompt) + d.response for d in demos]
+
+
+def test_world_corpus_ids_identical_and_round_trip(world_tok: Tokenizer) -> None:
+    """tiktoken and the pure-Python encoder give the same ids on the world's whole corpus,
+    on demonstrations built from it, and on the corpus as one string; decode inverts."""
+    from minidpo.world import load_world
+
+    corpus = load_world().corpus()
+    for text in [*corpus, *_demo_texts(300)]:
+        ids = world_tok.encode(text)
+        assert ids == world_tok.encode_slow(text), text
+        assert world_tok.decode(ids) == text
+    assert world_tok.encode(" ".join(corpus)) == world_tok.encode_slow(" ".join(corpus))
+
+
+def test_world_tokenizer_saves_and_loads_to_the_same_ids(world_tok: Tokenizer, tmp_path) -> None:
+    texts = _demo_texts(200)
+    loaded = Tokenizer.load(world_tok.save(tmp_path / "tokenizer.json"))
+    assert loaded.merges == world_tok.merges and loaded.vocab_size == world_tok.vocab_size
+    assert loaded.encode_batch(texts) == world_tok.encode_batch(texts)
+
+
+def test_no_lone_space_before_a_word_in_the_demonstrations(world_tok: Tokenizer) -> None:
+    """Every word after the first of a response carries its space: " Gravity" is one or two
+    tokens, never [" ", ...]. Checked on 2,000 demonstrations (every quality, every topic)."""
+    lone = world_tok.encode(" ")
+    assert len(lone) == 1
+    for text in _demo_texts(2000):
+        ids = world_tok.encode(text)
+        for a, b in itertools.pairwise(ids):
+            if a == lone[0]:
+                assert not world_tok.decode([b])[:1].isalpha(), (text, world_tok.decode([a, b]))
+
+
+def test_every_world_word_is_at_most_two_tokens(world_tok: Tokenizer) -> None:
+    from minidpo.world import load_world
+
+    words = {w for t in load_world().corpus() for w in world_tok._compiled.findall(t)}
+    lengths = {w: len(world_tok.encode(w)) for w in words}
+    assert max(lengths.values()) <= 2, max(lengths, key=lengths.get)
+    assert len(world_tok.encode(" Gravity keeps the Moon in orbit around the Earth.")) <= 11
+    assert world_tok.vocab_size == 1856
+
+
+def test_coverage_problem_names_the_word() -> None:
+    tok = train_bpe(["Gravity pulls.", "Moon"], 262)
+    assert coverage_problem(tok, ["Gravity pulls. Moon"], 2) is not None
+    assert "' Moon' starts with a lone ' ' token" in coverage_problem(tok, [" Moon"], 10)
+    assert "takes" in coverage_problem(tok, ["Moon"], 1)
+    whole = train_bpe([" Moon", "Moon"], 400)
+    assert coverage_problem(whole, [" Moon Moon", "Moon"], 1) is None
+
+
+@pytest.mark.parametrize(
+    "vocab_size, message",
+    [(768, "lone ' ' token"), (1824, "takes 3 tokens"), (4096, "supports at most 1885")],
+)
+def test_bad_vocab_size_is_refused_by_the_flag(vocab_size: int, message: str, tmp_path) -> None:
+    """A --vocab-size too small for the world (or more than its corpus fills) is one line
+    naming the flag, exit code 2, and nothing is written: in the stage and the pipeline."""
+    from minidpo.cli import main
+
+    for cmd in ("tokenizer", "sft", "pipeline"):
+        args = [cmd, "--runs-dir", str(tmp_path / "runs"), "--preset", "tiny"]
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(main([*args, "--vocab-size" if cmd != "pipeline" else
+                                   "--tokenizer-vocab-size", str(vocab_size)]))  # fmt: skip
+        assert e.value.code == 2, cmd
+        assert not (tmp_path / "runs").exists(), cmd
+    from minidpo.config import TokenizerConfig
+    from minidpo.sft import world_tokenizer
+    from minidpo.world import load_world
+
+    with pytest.raises(MinidpoError, match=f"--vocab-size {vocab_size}: .*{message}"):
+        world_tokenizer(TokenizerConfig(vocab_size=vocab_size), load_world())

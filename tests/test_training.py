@@ -1,4 +1,4 @@
-"""The shared training-loop pieces: schedule, checkpoints, metrics log, devices."""
+"""The shared training-loop pieces: schedule, checkpoints, metrics log, devices, keep_best."""
 
 import itertools
 import json
@@ -9,12 +9,15 @@ import torch
 
 from minidpo.errors import MinidpoError
 from minidpo.training import (
+    LoopConfig,
     MetricsLog,
+    improves,
     load_checkpoint,
     lr_at,
     read_metrics,
     resolve_device,
     save_checkpoint,
+    train,
 )
 
 
@@ -84,3 +87,112 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(MinidpoError, match="no CUDA"):
             resolve_device("cuda")
+
+
+# ------------------------------------------------------------------ keep_best, on a toy model
+
+
+def _toy_train(out, *, stop_after=None, resume=False, keep_best="score", snapshot_every=0):
+    """A 4 -> 1 linear regression, 12 steps, evaluated every 2 with a score that rises and
+    falls along the run (a function of the weights alone, so it resumes exactly)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    w_true = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+
+    def get_batch(step):
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        return x, x @ w_true.T
+
+    def loss_fn(m, batch):
+        x, y = batch
+        loss = ((m(x) - y) ** 2).mean()
+        return loss, {"loss": float(loss.detach())}
+
+    def eval_fn(m):
+        return {"score": float(torch.sin(8.0 * m.weight.sum()))}
+
+    loop = LoopConfig(steps=12, lr=0.05, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      grad_clip=0.0, eval_every=2, ckpt_every=4, resume=resume)  # fmt: skip
+    last = train(
+        model, loop=loop, get_batch=get_batch, loss_fn=loss_fn, ckpt_path=out / "ckpt.pt",
+        metrics_path=out / "metrics.jsonl", checkpoint_extra={"kind": "toy"}, eval_fn=eval_fn,
+        stop_after=stop_after, progress=False, snapshot_every=snapshot_every, keep_best=keep_best,
+    )  # fmt: skip
+    return model, last
+
+
+def _no_time(rows):
+    return [{k: v for k, v in r.items() if k != "time/elapsed"} for r in rows]
+
+
+def test_improves_ties_keep_the_earliest_and_nan_never_wins():
+    assert improves(0.3, None) and improves(float("nan"), None)
+    assert improves(0.6, 0.5) and not improves(0.5, 0.5) and not improves(0.4, 0.5)
+    assert not improves(float("nan"), 0.5) and improves(-1.0, float("nan"))
+
+
+def test_keep_best_ends_with_the_weights_of_the_best_evaluation(tmp_path):
+    model, last = _toy_train(tmp_path, snapshot_every=2)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval/score" in r]
+    scores = [r["eval/score"] for r in rows]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    want_step = rows[scores.index(max(scores))]["step"]  # index(): the earliest of ties
+    assert want_step != 12, f"the toy run must peak before its end to test anything: {scores}"
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt", kind="toy")
+    assert ckpt["done"] and ckpt["step"] == 12 and "best_model" not in ckpt
+    assert (ckpt["best_metric"], ckpt["best_step"]) == ("eval/score", want_step)
+    assert ckpt["best_value"] == max(scores)
+    assert (last["best_step"], last["best_value"]) == (want_step, max(scores))
+    at_best = load_checkpoint(tmp_path / "snapshots" / f"step-{want_step:06d}.pt")["model"]
+    at_end = load_checkpoint(tmp_path / "snapshots" / "step-000012.pt")["model"]
+    for k in at_best:
+        torch.testing.assert_close(ckpt["model"][k], at_best[k], atol=0, rtol=0, msg=k)
+        torch.testing.assert_close(model.state_dict()[k], at_best[k], atol=0, rtol=0, msg=k)
+    assert not torch.equal(at_best["weight"], at_end["weight"])
+    # without keep_best the same run ends with its last weights
+    _toy_train(tmp_path / "plain", keep_best=None)
+    plain = load_checkpoint(tmp_path / "plain" / "ckpt.pt")
+    assert "best_step" not in plain
+    torch.testing.assert_close(plain["model"]["weight"], at_end["weight"], atol=0, rtol=0)
+
+
+def test_keep_best_resume_after_kill_equals_uninterrupted(tmp_path):
+    """Killed at step 7 with its last checkpoint at step 4 (rows 5-7 logged, the evaluation
+    at step 6 seen, then lost): the resumed run chooses as the full one. The best (step 2)
+    lies before the checkpoint, so a resume that forgot it would pick step 12 instead."""
+    _toy_train(tmp_path / "full")
+    full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    cut = tmp_path / "cut"
+    _toy_train(cut, stop_after=4)
+    at_4 = (cut / "ckpt.pt").read_bytes()
+    assert load_checkpoint(cut / "ckpt.pt")["best_step"] == full["best_step"] == 2
+    _toy_train(cut, stop_after=3, resume=True)  # on to step 7 ...
+    (cut / "ckpt.pt").write_bytes(at_4)  # ... then killed: only the step-4 checkpoint stands
+    assert len(read_metrics(cut / "metrics.jsonl")) == 7
+    _toy_train(cut, resume=True)
+    resumed = load_checkpoint(cut / "ckpt.pt")
+    for key in ("step", "done", "best_metric", "best_step", "best_value"):
+        assert resumed[key] == full[key], key
+    for part in ("model", "optimizer"):
+        a, b = resumed[part], full[part]
+        if part == "optimizer":
+            a, b = a["state"], b["state"]
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=part)
+    assert _no_time(read_metrics(cut / "metrics.jsonl")) == _no_time(
+        read_metrics(tmp_path / "full" / "metrics.jsonl")
+    )
+
+
+def test_keep_best_needs_an_eval_metric(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    loop = LoopConfig(steps=2, lr=0.1, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      grad_clip=0.0, eval_every=1, ckpt_every=1)  # fmt: skip
+    kw = dict(
+        loop=loop, get_batch=lambda s: torch.ones(1, 2),
+        loss_fn=lambda m, x: (m(x).sum(), {"loss": 0.0}), ckpt_path=tmp_path / "c.pt",
+        metrics_path=tmp_path / "m.jsonl", checkpoint_extra={}, progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="needs an eval_fn"):
+        train(model, keep_best="accuracy", **kw)
+    with pytest.raises(ValueError, match="'accuracy' is not a key"):
+        train(model, keep_best="accuracy", eval_fn=lambda m: {"loss": 0.0}, **kw)

@@ -84,11 +84,15 @@ def test_topic_of_accepts_formatted_prompt_and_rejects_unknown(world):
         world.prompts("test")
 
 
-def test_corpus_holds_every_prompt_and_sentence(world):
+def test_corpus_holds_every_prompt_and_sentence_as_the_model_sees_them(world):
+    """Formatted prompts, and each sentence as a response opens and as it follows another."""
     corpus = world.corpus()
     prompts = [q.text for split in ("train", "eval") for q in world.prompts(split)]
-    assert set(corpus) == set(prompts) | set(world.sentences())
-    assert len(corpus) == len(world.topics) * len(world.paraphrases) + len(world.sentences())
+    sentences = world.sentences()
+    assert set(corpus) == {format_prompt(p) for p in prompts} | set(sentences) | {
+        " " + s for s in sentences
+    }
+    assert len(corpus) == len(world.topics) * len(world.paraphrases) + 2 * len(sentences)
 
 
 def test_default_world_is_cached():
