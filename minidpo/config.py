@@ -157,7 +157,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "steps": 12,
             "batch_size": 8,
             "warmup_steps": 2,
-            "eval_every": 6,
+            "eval_every": 3,
             "ckpt_every": 6,
             "n_norm_samples": 24,
             "max_new_tokens": 24,

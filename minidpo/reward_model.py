@@ -91,6 +91,10 @@ class RewardModelConfig:
         False, "subtract the pair's score margin inside the sigmoid (Llama 2's margin loss)"
     )
     center_coef: float = _f(0.0, "coefficient of the reward-centering term c * (r_w + r_l)^2")
+    pooling: str = _f(
+        "last",
+        "last: the head read at end-of-text; sum: the head summed over the response's tokens",
+    )
     eval_every: int = _f(
         10, "held-out pair metrics every N steps; the best accuracy's weights are kept (~10 evals)"
     )
@@ -126,6 +130,27 @@ def reward_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 def read_at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values (B, T), index (B,) long -> values[b, index[b]] (B,)."""
     return values.gather(1, index[:, None]).squeeze(1)  # (B,)
+
+
+POOLINGS = ("last", "sum")
+
+
+def pooled_rewards(values: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """One reward per row from the head's values on `reward_inputs` rows: (B, T + 1) -> (B,).
+
+    ``last``: the value at the row's last token, the end-of-text (InstructGPT, TRL).
+    ``sum``: the sum of the values at the response's tokens (end-of-text included,
+    prompt and padding excluded), r(x, y) = sum_t v(x, y_<=t): a reward that adds up
+    over the response, as the oracle's per-sentence table does.
+
+    Example: values [[1, 2, 3, 4]], prompt of 2 tokens, response of 2 -> last 4, sum 7.
+    """
+    if pooling == "last":
+        return read_at(values, reward_inputs(batch)[1])
+    if pooling == "sum":
+        at_response = torch.cat([torch.zeros_like(batch.mask[:, :1]), batch.mask], dim=1)
+        return (values * at_response.to(values.dtype)).sum(dim=1)  # (B,)
+    raise MinidpoError(f"--pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
 
 
 def bradley_terry_loss(
@@ -231,10 +256,12 @@ def pair_metrics(losses: torch.Tensor, r_chosen: torch.Tensor, r_rejected: torch
 # --------------------------------------------------------------------------- the model
 
 
-def pair_rewards(model: ScalarHeadModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(
+    model: ScalarHeadModel, batch: Batch, pooling: str = "last"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw rewards (r_w (B,), r_l (B,)) from one forward over a concatenated 2B-row batch."""
-    tokens, last = reward_inputs(batch)  # (2B, T + 1), (2B,)
-    r = read_at(model(tokens), last)  # (2B,)
+    tokens, _ = reward_inputs(batch)  # (2B, T + 1)
+    r = pooled_rewards(model(tokens), batch, pooling)  # (2B,)
     B = r.shape[0] // 2
     return r[:B], r[B:]
 
@@ -267,11 +294,19 @@ class RewardModel:
     Scores are computed without gradients, in batches, and returned on the CPU.
     """
 
-    def __init__(self, model: ScalarHeadModel, tok: Tokenizer, gain: float, bias: float):
+    def __init__(
+        self,
+        model: ScalarHeadModel,
+        tok: Tokenizer,
+        gain: float,
+        bias: float,
+        pooling: str = "last",
+    ):
         self.model = model.eval()
         self.tok = tok
         self.gain = gain
         self.bias = bias
+        self.pooling = pooling
 
     @property
     def device(self) -> torch.device:
@@ -288,9 +323,9 @@ class RewardModel:
             p, r = prompts[s : s + bs], responses[s : s + bs]
             if max(len(a) + len(b) for a, b in zip(p, r, strict=True)) > block:
                 raise MinidpoError(f"reward model: a response exceeds the context of {block}")
-            tokens, last = reward_inputs(build_batch(p, r, pad_id=self.tok.eot_id))
-            values = self.model(tokens.to(self.device))  # (b, T + 1)
-            out.append(read_at(values, last.to(self.device)).float().cpu())
+            batch = build_batch(p, r, pad_id=self.tok.eot_id).to(self.device)
+            values = self.model(reward_inputs(batch)[0])  # (b, T + 1)
+            out.append(pooled_rewards(values, batch, self.pooling).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
@@ -326,7 +361,8 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> R
     if not norm:
         raise MinidpoError(f"{path}: reward model is not normalised yet (its run did not finish)")
     model, tok = build_reward_model(ckpt)
-    return RewardModel(model.to(device), tok, float(norm["gain"]), float(norm["bias"]))
+    gain, bias = float(norm["gain"]), float(norm["bias"])
+    return RewardModel(model.to(device), tok, gain, bias, ckpt.get("pooling", "last"))
 
 
 def _seed(seed: int, tag: int) -> int:
@@ -405,6 +441,8 @@ def run_reward_model(
     """
     if cfg.n_norm_samples < 2:
         raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
+    if cfg.pooling not in POOLINGS:
+        raise MinidpoError(f"--pooling: {cfg.pooling!r} is not one of {', '.join(POOLINGS)}")
     if cfg.center_coef < 0:
         raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
     stage_config = {
@@ -441,7 +479,7 @@ def run_reward_model(
         return train_data.batch(idx, pad).to(device), torch.as_tensor(idx)
 
     def losses_of(m, batch: Batch, margin: torch.Tensor | None):
-        rc, rr = pair_rewards(m, batch)  # (B,), (B,)
+        rc, rr = pair_rewards(m, batch, cfg.pooling)  # (B,), (B,)
         mg = margin.to(device) if margin is not None else None
         return bradley_terry_loss(rc, rr, margin=mg, center_coef=cfg.center_coef), rc, rr
 
@@ -477,6 +515,7 @@ def run_reward_model(
             "tokenizer": tok.to_dict(),
             "stage_config": stage_config,
             "normalization": None,
+            "pooling": cfg.pooling,
         },
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
@@ -497,7 +536,7 @@ def run_reward_model(
         policy, tok, norm_prompts, seed=_seed(seed, 5), max_new_tokens=cfg.max_new_tokens
     )
     model.load_state_dict(ckpt["model"])
-    rm = RewardModel(model, tok, 1.0, 0.0)
+    rm = RewardModel(model, tok, 1.0, 0.0, cfg.pooling)
     raw = rm.score(norm_samples)  # (n_norm_samples,)
     gain, bias = normalization(raw.double().numpy())
     ckpt["normalization"] = {"gain": gain, "bias": bias}

@@ -22,6 +22,7 @@ from minidpo.reward_model import (
     normalization,
     oracle_pair_agreement,
     pair_rewards,
+    pooled_rewards,
     read_at,
     reward_inputs,
     run_reward_model,
@@ -63,6 +64,31 @@ def test_reward_inputs_rebuild_rows_and_index_the_last_real_token():
     assert tokens[2, :4].tolist() == [4, 4, 4, 3]
     values = torch.arange(15.0).view(3, 5)  # value = 5 * row + column
     torch.testing.assert_close(read_at(values, last), torch.tensor([3.0, 9.0, 13.0]))
+
+
+def test_pooled_rewards_known_answers():
+    """last: the value at the end-of-text; sum: the values at the response's tokens only."""
+    batch = build_batch([[5, 6], [5], [4, 4, 4]], [[7, 0], [8, 9, 9, 0], [3]], pad_id=0)
+    values = torch.arange(15.0).view(3, 5)  # value = 5 * row + column
+    torch.testing.assert_close(pooled_rewards(values, batch, "last"), torch.tensor([3.0, 9, 13]))
+    # row 0: columns 2, 3 -> 2 + 3; row 1: columns 1-4 -> 6 + 7 + 8 + 9; row 2: column 3 -> 13
+    torch.testing.assert_close(pooled_rewards(values, batch, "sum"), torch.tensor([5.0, 30, 13]))
+    with pytest.raises(MinidpoError, match="--pooling"):
+        pooled_rewards(values, batch, "mean")
+
+
+def test_sum_pooled_reward_model_scores_are_sums_of_the_head(tiny_sft):
+    body, tok = load_policy(tiny_sft)
+    torch.manual_seed(0)
+    model = ScalarHeadModel(body)
+    rm = RewardModel(model, tok, gain=1.0, bias=0.0, pooling="sum")
+    prompt, response = tok.encode("Explain gravity.\n"), [*tok.encode("Gravity is."), tok.eot_id]
+    with torch.no_grad():
+        values = model(torch.tensor([prompt + response]))[0]  # (T,)
+    expected = values[len(prompt) :].sum()
+    torch.testing.assert_close(
+        rm.raw_scores([prompt], [response])[0], expected, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_pair_rewards_read_the_model_at_the_end_of_text_token():
