@@ -239,8 +239,9 @@ def st_rm(ctx: Context, force: bool) -> dict[str, Any]:
                          out_dir=ctx.folder / "rm", cfg=ctx.cfg["rm"], seed=ctx.run.seed,
                          device=ctx.device, progress=ctx.progress, force=force)  # fmt: skip
     rep = s.get("report") or {}
-    keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "best_step", "spearman")
-    return {**{k: rep.get(k) for k in keep}, **_train_summary(s, backward=True)}
+    keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "spearman")
+    return {**{k: rep.get(k) for k in keep}, "best_step": s.get("best_step"),
+            **_train_summary(s, backward=True)}  # fmt: skip
 
 
 def _ppo(ctx: Context, force: bool, reward: str, kl_coef: float, out: Path) -> dict[str, Any]:

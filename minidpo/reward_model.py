@@ -80,9 +80,11 @@ from minidpo.world import World, format_prompt, load_world
 class RewardModelConfig:
     """Reward-model training (Bradley-Terry, Eq. 2 of arXiv 2305.18290) and normalisation."""
 
-    steps: int = _f(100, "optimizer steps (held-out accuracy plateaus by ~75 on the cpu preset)")
+    steps: int = _f(
+        100, "optimizer steps (held-out accuracy ~70 % from step 40 on; 300 gain nothing)"
+    )
     batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
-    lr: float = _f(3e-4, "peak learning rate (AdamW), as DPO's: same pairs, same budget")
+    lr: float = _f(3e-4, "peak learning rate (AdamW); 1e-4 and 1e-3 measured no better")
     warmup_steps: int = _f(10, "linear warmup steps")
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
@@ -446,8 +448,7 @@ def run_reward_model(
     if cfg.center_coef < 0:
         raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
     stage_config = {
-        # "resume" is no setting (an unfinished run always resumes): dropped if given
-        "reward_model": {k: v for k, v in to_dict(cfg).items() if k != "resume"},
+        "reward_model": to_dict(cfg),
         "seed": seed,
         "sft_sha256": file_sha256(sft_path),
         "pairs_sha256": file_sha256(train_pairs),
@@ -552,7 +553,7 @@ def run_reward_model(
         "n_train_pairs": len(train_data),
     }
     if eval_pairs is not None and cfg.report_samples_per_prompt > 0:
-        report = reward_model_report(
+        summary["report"] = reward_model_report(
             rm,
             policy,
             eval_pairs=eval_list,
@@ -561,7 +562,6 @@ def run_reward_model(
             seed=_seed(seed, 6),
             max_new_tokens=cfg.max_new_tokens,
         )
-        summary["report"] = {**report, "best_step": ckpt.get("best_step")}
     summary["wall_s_total"] = time.perf_counter() - t0
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

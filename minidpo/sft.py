@@ -51,13 +51,14 @@ def world_tokenizer(cfg: TokenizerConfig, world: World) -> Tokenizer:
     more than the corpus can fill, or too small for the world: a word that needs more
     than `MAX_TOKENS_PER_WORD` tokens, or a lone " " token before a word.
     """
-    tok = train_bpe(world.corpus(), cfg.vocab_size)
+    corpus = world.corpus()
+    tok = train_bpe(corpus, cfg.vocab_size)
     if tok.vocab_size != cfg.vocab_size:
         raise MinidpoError(
             f"--vocab-size {cfg.vocab_size}: the world's corpus supports at most "
             f"{tok.vocab_size} tokens (every word is then one token)"
         )
-    problem = coverage_problem(tok, world.corpus(), MAX_TOKENS_PER_WORD)
+    problem = coverage_problem(tok, corpus, MAX_TOKENS_PER_WORD)
     if problem is not None:
         raise MinidpoError(f"--vocab-size {cfg.vocab_size}: too small for the world: {problem}")
     return tok

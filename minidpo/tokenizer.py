@@ -200,13 +200,12 @@ def coverage_problem(tok: Tokenizer, texts: Iterable[str], max_tokens_per_word: 
     "' Moon' starts with a lone ' ' token: [32, ...]".
     """
     words = sorted({w for text in texts for w in tok._compiled.findall(text)})
+    encoded = dict(zip(words, tok.encode_batch(words), strict=True))
     lone = tok.ranks.get(b" ")
-    for w in words:
-        ids = tok.encode(w)
+    for w, ids in encoded.items():
         if len(w) > 1 and w[0] == " " and w[1].isalpha() and ids[0] == lone and len(ids) > 1:
             return f"{w!r} starts with a lone ' ' token: {ids}"
-    for w in words:
-        ids = tok.encode(w)
+    for w, ids in encoded.items():
         if len(ids) > max_tokens_per_word:
             return f"{w!r} takes {len(ids)} tokens (at most {max_tokens_per_word} allowed): {ids}"
     return None

@@ -26,7 +26,12 @@ from pathlib import Path
 
 import torch
 
-TARGETS_S = {"sft_train": 120.0, "pipeline": 300.0, "sweep": 1800.0}
+# (printed name, result key, target seconds, the per-run key of `one_pipeline` or None)
+TARGETS = [
+    ("sft training", "sft_train_s", 120.0, "sft_train_s"),
+    ("pipeline", "pipeline_wall_s", 300.0, "wall_s"),
+    ("sweep", "sweep_wall_s", 1800.0, None),
+]
 
 
 def stage_costs(folder: Path) -> dict[str, dict]:
@@ -90,16 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [f"{'stage':<40} {'median wall (s)':>16} {'peak RSS (MB)':>14}   ({n} cold runs)"]
     for name, c in result["pipeline_stages"].items():
         rows.append(f"{name:<40} {c['wall_s']:>16.1f} {c['peak_rss_mb']:>14.0f}")
-    for what, key in (("sft training", "sft_train_s"), ("pipeline", "pipeline_wall_s"),
-                      ("sweep", "sweep_wall_s")):  # fmt: skip
+    for what, key, target, per_run in TARGETS:
         if key in result:
-            wall, target = result[key], TARGETS_S[key.removesuffix("_wall_s").removesuffix("_s")]
+            wall = result[key]
             verdict = "met" if wall <= target else "MISSED"
-            spread = ""
-            if key != "sweep_wall_s":
-                field = "wall_s" if key == "pipeline_wall_s" else key
-                spread = f", runs: {', '.join(f'{r[field]:.0f}' for r in reps)}"
-            rows.append(f"{what}: {wall:.0f} s (target {target:.0f} s: {verdict}{spread})")
+            runs = f", runs: {', '.join(f'{r[per_run]:.0f}' for r in reps)}" if per_run else ""
+            rows.append(f"{what}: {wall:.0f} s (target {target:.0f} s: {verdict}{runs})")
     print("\n".join(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
