@@ -17,30 +17,34 @@ fine-tuning on Best-of-N outputs, and any KL control for Preferred-FT.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from minidpo.atomic import atomic_write_json
+from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.batching import Batch, build_batch
+from minidpo.checkpoints import load_checkpoint, provenance, stage_state
 from minidpo.config import _f, to_dict
-from minidpo.dpo import tokenize_pairs
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT
-from minidpo.policy import Sample, build_policy, sample_responses
-from minidpo.preferences import load_pairs
+from minidpo.policy import load_policy
+from minidpo.preferences import load_pairs, tokenize_pairs
+from minidpo.reward_model import load_reward_model
+from minidpo.sampling import Sample, sample_responses
+from minidpo.scoring import ScoreFn, oracle_breakdowns
+from minidpo.seeds import seed_of, stream
 from minidpo.sft import lm_loss
+from minidpo.stage import Context, Stage, method_config, training_summary
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, file_sha256, load_checkpoint, stage_status, train
+from minidpo.training import LoopConfig, train
+from minidpo.world import load_world
 
-ScoreFn = Callable[[Sequence[Sample]], torch.Tensor]
-"""Scores a list of samples: list[Sample] (N) -> tensor (N,), higher is better."""
+GRAVITY = "Explain gravity."
+GRAVITY_SAMPLES = 2  # "Explain gravity." samples of each method, shown in the report
 
 
 @dataclass
@@ -56,7 +60,7 @@ class PreferredFTConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(50, "held-out loss on the chosen responses every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    snapshot_every: int = _f(0, "save the weights every N steps for the frontier (0: off)")
+    snapshot_every: int = _f(0, "save the weights every N steps, the frontier's points (0: about 4 per run)")
 
 
 def chosen_data(
@@ -96,34 +100,21 @@ def run_preferred_ft(
     seed: int,
     device: torch.device,
     eval_pairs: Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    force: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune pi_SFT on the chosen responses; returns the final metrics summary.
-
-    Skipped when `out_dir` holds a finished run of the same configuration, SFT
-    checkpoint and pairs; an unfinished one is resumed.
-    """
-    stage_config = {
-        "preferred_ft": to_dict(cfg),
-        "seed": seed,
-        "sft_sha256": file_sha256(sft_path),
-        "pairs_sha256": file_sha256(train_pairs),
-    }
-    status = stage_status(out_dir / "checkpoint.pt", stage_config, force=force)
-    if status == "done" and (out_dir / "summary.json").exists():
-        return json.loads((out_dir / "summary.json").read_text())
-    sft = load_checkpoint(sft_path, kind="policy")
-    policy, tok = build_policy(sft)
-    policy = policy.to(device)
+    """Fine-tune pi_SFT on the chosen responses (`resume`: continue from the checkpoint in
+    `out_dir`); returns the final metrics summary."""
+    stage_config = provenance("preferred_ft", cfg, seed, sft=sft_path, pairs=train_pairs)
+    policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_p, train_r = chosen_data(train_pairs, tok, block)
     if eval_pairs is not None:
         eval_p, eval_r = chosen_data(eval_pairs, tok, block)
 
     def get_batch(step: int) -> Batch:
-        rng = np.random.default_rng([seed, 7, step])  # the batch depends on (seed, step) only
+        rng = stream(seed, "preferred_ft/batch", step)  # the batch depends on (seed, step) only
         idx = rng.choice(len(train_p), size=min(cfg.batch_size, len(train_p)), replace=False)
         batch = build_batch([train_p[i] for i in idx], [train_r[i] for i in idx], pad_id=tok.eot_id)
         return batch.to(device)
@@ -135,7 +126,7 @@ def run_preferred_ft(
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return {"loss": chosen_loss(m, eval_p, eval_r, tok.eot_id)}
 
-    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=status != "fresh")
+    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=resume)
     t0 = time.perf_counter()
     last = train(
         policy,
@@ -144,13 +135,9 @@ def run_preferred_ft(
         loss_fn=loss_fn,
         ckpt_path=out_dir / "checkpoint.pt",
         metrics_path=out_dir / "metrics.jsonl",
-        checkpoint_extra={
-            "kind": "policy",
-            "stage": "preferred_ft",
-            "model_config": sft["model_config"],
-            "tokenizer": tok.to_dict(),
-            "stage_config": stage_config,
-        },
+        checkpoint_extra=stage_state(kind="policy", stage="preferred_ft",
+                                     model_config=to_dict(policy.config), tokenizer=tok.to_dict(),
+                                     config=stage_config),
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
@@ -193,3 +180,67 @@ def best_of_n(
         )
     best = scores.view(len(prompts), n).argmax(dim=1)  # (P,): first maximum of each row
     return [candidates[i * n + int(b)] for i, b in enumerate(best)]
+
+
+def preferred_ft_stage(
+    name: str = "preferred_ft",
+    *,
+    seed: int | None = None,
+    folder: Callable[[Context], Path] | None = None,
+) -> Stage:
+    """The Preferred-FT stage: the run's own, or a sweep run with its own seed and folder."""
+
+    def out(ctx: Context) -> Path:
+        return folder(ctx) if folder else ctx.paths.preferred_ft_dir
+
+    def fn(ctx: Context, resume: bool) -> dict[str, Any]:
+        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        s = run_preferred_ft(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
+                             eval_pairs=held_out, out_dir=out(ctx),
+                             cfg=method_config(ctx, "preferred_ft", None, "steps"),
+                             seed=ctx.run.seed if seed is None else seed, device=ctx.device,
+                             resume=resume, progress=ctx.progress)  # fmt: skip
+        return training_summary(s)
+
+    return Stage(name, fn, ("preferred_ft",), ("prefs",),
+                 inputs=lambda c: [c.paths.sft, c.paths.train_pairs],
+                 outputs=lambda c: [out(c) / "checkpoint.pt"],
+                 extra_key=lambda c: [seed])  # fmt: skip
+
+
+def best_of_n_samples(ctx: Context, resume: bool = False) -> dict[str, Any]:
+    """Best-of-N selections (reward model picks) on the held-out prompts, written to
+    ``best-of-n/samples.jsonl``; plus the selections for "Explain gravity."."""
+    p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
+    policy, tok = load_policy(ctx.paths.sft, ctx.device)
+    rm = load_reward_model(ctx.paths.rm, ctx.device)
+    prompts = [x.text for x in load_world().prompts("eval")
+               for _ in range(p.best_of_n_samples_per_prompt)]  # fmt: skip
+    prompts += [GRAVITY] * GRAVITY_SAMPLES
+    tokens = [0]
+
+    def score(candidates: Sequence[Sample]) -> torch.Tensor:
+        # each candidate went through the policy (sampling) and the reward model: 2 forwards
+        tokens[0] += 2 * sum(
+            len(tok.encode(s.prompt)) + 1 + len(s.response_ids) for s in candidates
+        )
+        return rm.score(candidates)
+
+    picked = best_of_n(policy, tok, prompts, n=p.best_of_n, score_fn=score,
+                       seed=seed_of(ctx.run.seed, "eval/samples"), temperature=ev.temperature,
+                       max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    rows = [{"prompt": s.prompt, "response": s.response, "terminated": s.terminated,
+             "n_tokens": len(s.response_ids), "oracle": b.total, "unparseable": b.unparseable > 0}
+            for s, b in zip(picked, oracle_breakdowns(picked), strict=True)]  # fmt: skip
+    atomic_write_jsonl(ctx.paths.best_of_n_samples, rows)
+    return {"n": p.best_of_n, "selections": len(rows),
+            "samples_generated": len(prompts) * p.best_of_n,
+            "tokens_forward": tokens[0], "tokens_backward": 0}  # fmt: skip
+
+
+BEST_OF_N_STAGE = Stage(
+    "best_of_n", best_of_n_samples, ("eval",), ("rm",),
+    inputs=lambda c: [c.paths.sft, c.paths.rm],
+    outputs=lambda c: [c.paths.best_of_n_samples],
+    extra_key=lambda c: [c.cfg["pipeline"].best_of_n, c.cfg["pipeline"].best_of_n_samples_per_prompt],
+)  # fmt: skip

@@ -23,11 +23,15 @@ Bad input (an unknown flag or preset, a missing or corrupt file) prints one line
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from minidpo import __version__
+from minidpo.atomic import atomic_write_json
+from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
@@ -41,8 +45,31 @@ from minidpo.config import (
     resolve,
 )
 from minidpo.errors import MinidpoError
-from minidpo.sft import run_dir
+from minidpo.evaluate import evaluate_policy, summarize
+from minidpo.gravity import compute, load_example, render
+from minidpo.oracle import RULE_VALUES, reward_breakdown
+from minidpo.paths import RunPaths
+from minidpo.pipeline import (
+    BY_NAME,
+    GROUPS,
+    STAGE_NAMES,
+    Context,
+    check_force,
+    run_pipeline,
+    run_stage,
+    run_sweep,
+)
+from minidpo.policy import load_policy
+from minidpo.ppo import PPOConfig
+from minidpo.report import summary_text
+from minidpo.reward_model import RewardModelConfig, load_reward_model
+from minidpo.sampling import sample_responses
+from minidpo.scoring import oracle_breakdowns, oracle_scores
+from minidpo.seeds import seed_of
+from minidpo.sft import world_tokenizer
+from minidpo.tokenizer import Tokenizer
 from minidpo.training import resolve_device
+from minidpo.world import load_world
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,30 +89,42 @@ def _cfg(cls: type, group: str, args: argparse.Namespace):
     return resolve(cls, group, args.preset or "cpu", args, prefix)
 
 
-def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from minidpo.sft import prepare_tokenizer
-    from minidpo.world import load_world
+def _paths(run: RunConfig) -> RunPaths:
+    return RunPaths(Path(run.runs_dir) / run.name)
+
+
+def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inputs: str | None):
+    """Run the pipeline's stage `name` alone, through the one stage layer (skip, resume or
+    rerun, as in `minidpo pipeline`): its `groups` from the flags, every other group from
+    the preset, `inputs` ("sft", "train_pairs", ...) replacing the run's own files.
+    Returns (stage, context, stamp)."""
 
     run = _run(args)
-    tok = prepare_tokenizer(run, _cfg(TokenizerConfig, "tokenizer", args), load_world())
+    cfg = {g: _cfg(cls, g, args) if g in groups else resolve(cls, g, args.preset or "cpu", None)
+           for g, cls in GROUPS.items()}  # fmt: skip
+    given = {k: Path(v) for k, v in inputs.items() if v}
+    ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
+                  force={name} if run.force else set(), inputs=given)  # fmt: skip
+    return BY_NAME[name], ctx, run_stage(ctx, BY_NAME[name], {})
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+
+    _, ctx, _ = _one_stage(args, "tokenizer", ["tokenizer"])
+    tok = Tokenizer.load(ctx.paths.tokenizer)
     example = "Explain gravity."
-    print(f"tokenizer: {run_dir(run) / 'tokenizer.json'} (vocab {tok.vocab_size})")
+    print(f"tokenizer: {ctx.paths.tokenizer} (vocab {tok.vocab_size})")
     print(f"{example!r} -> {tok.encode(example)}")
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from minidpo.sft import run_sft
-
-    summary = run_sft(
-        _run(args),
-        _cfg(TokenizerConfig, "tokenizer", args),
-        _cfg(ModelConfig, "model", args),
-        _cfg(SFTConfig, "sft", args),
-    )
+    _one_stage(args, "tokenizer", ["tokenizer"])  # the SFT model's tokenizer first, if needed
+    _, ctx, stamp = _one_stage(args, "sft", ["tokenizer", "model", "sft"])
+    s = json.loads((ctx.paths.sft_dir / "summary.json").read_text())
     print(
-        f"sft: {summary['steps']} steps, train loss {summary['train_loss']:.4f}, "
-        f"held-out loss {summary['eval_loss']:.4f}, {summary['wall_s']:.1f} s"
+        f"sft: {s['steps']} steps, train loss {s['train_loss']:.4f}, "
+        f"held-out loss {s['eval_loss']:.4f}, {stamp['cost']['wall_s']:.1f} s"
     )
     return 0
 
@@ -115,10 +154,6 @@ def sample_summary(result, cfg: SampleConfig) -> list[str]:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from minidpo.evaluate import summarize
-    from minidpo.oracle import reward_breakdown
-    from minidpo.policy import load_policy, sample_responses
-    from minidpo.world import load_world
 
     run = _run(args)
     cfg = _cfg(SampleConfig, "sample", args)
@@ -128,7 +163,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise MinidpoError(f"--n: must be >= 1, got {cfg.n}")
     if cfg.show < 0:
         raise MinidpoError(f"--show: must be >= 0, got {cfg.show}")
-    path = Path(args.checkpoint) if args.checkpoint else run_dir(run) / "sft" / "checkpoint.pt"
+    path = Path(args.checkpoint) if args.checkpoint else _paths(run).sft
     model, tok = load_policy(path, resolve_device(run.device))
     prompts = [p.text for p in load_world().prompts(cfg.split)]
     chosen = [prompts[i % len(prompts)] for i in range(cfg.n)]
@@ -141,7 +176,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         top_k=cfg.top_k,
         max_new_tokens=cfg.max_new_tokens,
     )
-    scored = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    scored = oracle_breakdowns(samples)
     rewards = [b.total for b in scored]
     _print_samples(samples[: cfg.show], rewards[: cfg.show])
     if cfg.show < len(samples):
@@ -152,7 +187,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from minidpo.oracle import RULE_VALUES, reward_breakdown
 
     b = reward_breakdown(args.prompt, args.response, terminated=not args.unterminated)
     for sentence, rule in b.labels:
@@ -165,64 +199,35 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _sft_path(run: RunConfig, args: argparse.Namespace) -> Path:
-    return Path(args.sft) if getattr(args, "sft", None) else run_dir(run) / "sft" / "checkpoint.pt"
+    return Path(args.sft) if getattr(args, "sft", None) else _paths(run).sft
 
 
-def _dpo_dir(run: RunConfig, cfg: DPOConfig) -> Path:
-    smooth = f"-eps{cfg.label_smoothing:g}" if cfg.label_smoothing else ""
-    return run_dir(run) / f"dpo-{cfg.loss}-beta{cfg.beta:g}{smooth}"
+def _trained(stage, ctx) -> Path:
+    """The checkpoint a training stage wrote."""
+    return stage.outputs(ctx)[0]
 
 
 def cmd_prefs(args: argparse.Namespace) -> int:
-    from minidpo.preferences import build_preferences
-
-    run = _run(args)
-    out = run_dir(run) / "prefs"
-    if (out / "summary.json").exists() and not run.force:
-        print(f"prefs: {out} exists (use --force to rebuild)")
-        return 0
-    s = build_preferences(
-        sft_path=_sft_path(run, args),
-        out_dir=out,
-        cfg=_cfg(PrefsConfig, "prefs", args),
-        seed=run.seed,
-        device=resolve_device(run.device),
-    )
+    _, ctx, stamp = _one_stage(args, "prefs", ["prefs"], sft=args.sft)
+    s = stamp["summary"]
     print(
-        f"prefs: {s['train']['pairs']} train pairs, {s['eval']['pairs']} held-out pairs "
-        f"in {out} (labels agree with the oracle on {s['train']['label_agreement']:.1%})"
+        f"prefs: {s['train_pairs']} train pairs, {s['eval_pairs']} held-out pairs in "
+        f"{ctx.paths.prefs_dir} (labels agree with the oracle on {s['label_agreement']:.1%})"
     )
     return 0
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
-    from minidpo.dpo import run_dpo
-
-    run = _run(args)
-    cfg = _cfg(DPOConfig, "dpo", args)
-    prefs = run_dir(run) / "prefs"
-    train_pairs = Path(args.pairs) if args.pairs else prefs / "train.jsonl"
-    eval_pairs = Path(args.eval_pairs) if args.eval_pairs else prefs / "eval.jsonl"
-    out = _dpo_dir(run, cfg)
-    s = run_dpo(
-        sft_path=_sft_path(run, args),
-        train_pairs=train_pairs,
-        eval_pairs=eval_pairs if eval_pairs.exists() or args.eval_pairs else None,
-        out_dir=out,
-        cfg=cfg,
-        seed=run.seed,
-        device=resolve_device(run.device),
-        force=run.force,
-    )
+    stage, ctx, _ = _one_stage(args, "dpo", ["dpo"], sft=args.sft, train_pairs=args.pairs,
+                               eval_pairs=args.eval_pairs)  # fmt: skip
+    ckpt = _trained(stage, ctx)
+    s = json.loads((ckpt.parent / "summary.json").read_text())
     acc = s.get("eval/rewards/accuracies", s.get("train/rewards/accuracies"))
-    print(f"dpo: {out / 'checkpoint.pt'} (loss {s['train/loss']:.4f}, reward accuracy {acc:.1%})")
+    print(f"dpo: {ckpt} (loss {s['train/loss']:.4f}, reward accuracy {acc:.1%})")
     return 0
 
 
 def _evaluate(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
-    from minidpo.evaluate import evaluate_policy
-    from minidpo.policy import load_policy
-    from minidpo.world import load_world
 
     device = resolve_device(run.device)
     model, tok = load_policy(ckpt, device)
@@ -232,7 +237,7 @@ def _evaluate(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
         tok,
         [p.text for p in load_world().prompts("eval")],
         samples_per_prompt=cfg.samples_per_prompt,
-        seed=run.seed + 12345,
+        seed=seed_of(run.seed, "eval/samples"),
         ref=ref_model,
         temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
@@ -240,7 +245,6 @@ def _evaluate(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from minidpo.atomic import atomic_write_json
 
     run = _run(args)
     cfg = _cfg(EvalConfig, "eval", args)
@@ -274,118 +278,48 @@ def _eval_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _pairs_paths(run: RunConfig) -> tuple[Path, Path]:
-    prefs = run_dir(run) / "prefs"
-    return prefs / "train.jsonl", prefs / "eval.jsonl"
-
-
 def _rm_path(run: RunConfig, args: argparse.Namespace) -> Path:
-    return Path(args.rm) if args.rm else run_dir(run) / "rm" / "checkpoint.pt"
+    return Path(args.rm) if args.rm else _paths(run).rm
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from minidpo.reward_model import RewardModelConfig, run_reward_model
-
-    run = _run(args)
-    train_pairs, eval_pairs = _pairs_paths(run)
-    out = run_dir(run) / "rm"
-    s = run_reward_model(
-        sft_path=_sft_path(run, args),
-        train_pairs=train_pairs,
-        eval_pairs=eval_pairs,
-        out_dir=out,
-        cfg=_cfg(RewardModelConfig, "rm", args),
-        seed=run.seed,
-        device=resolve_device(run.device),
-        force=run.force,
-    )
-    rep = s.get("report") or {}
+    _, ctx, stamp = _one_stage(args, "rm", ["rm"], sft=args.sft)
+    s = stamp["summary"]
     print(
-        f"rm: {out / 'checkpoint.pt'} (held-out accuracy {rep.get('heldout_accuracy', 0):.1%}, "
-        f"Spearman with the oracle {rep.get('spearman', float('nan')):.3f})"
+        f"rm: {ctx.paths.rm_dir / 'checkpoint.pt'} (held-out accuracy "
+        f"{s.get('heldout_accuracy') or 0:.1%}, Spearman with the oracle "
+        f"{s.get('spearman') or float('nan'):.3f})"
     )
     return 0
 
 
 def cmd_ppo(args: argparse.Namespace) -> int:
-    from minidpo.ppo import PPOConfig, oracle_scores, run_ppo
-    from minidpo.reward_model import load_reward_model
 
-    run = _run(args)
     cfg = _cfg(PPOConfig, "ppo", args)
     cfg.validate(oracle=args.reward == "oracle")
-    device = resolve_device(run.device)
-    if args.reward == "oracle":
-        score_fn, value_init = oracle_scores, None
-    else:
-        rm = load_reward_model(_rm_path(run, args), device)
-        score_fn, value_init = rm.score, rm.model.state_dict()
-    prompts = None
-    if args.prompts:
-        from minidpo.policy import load_policy, load_prompts
-
-        _, tok = load_policy(_sft_path(run, args))
-        from minidpo.world import load_world
-
-        # the oracle reward, logged along every PPO run, knows only the world's prompts
-        prompts = load_prompts(args.prompts, tok, _block_size(run, args), cfg.max_new_tokens,
-                               check=load_world().prompt)  # fmt: skip
-    out = run_dir(run) / f"ppo-{args.reward}-kl{cfg.kl_coef:g}"
-    s = run_ppo(
-        sft_path=_sft_path(run, args),
-        out_dir=out,
-        cfg=cfg,
-        score_fn=score_fn,
-        seed=run.seed,
-        device=device,
-        value_init=value_init,
-        prompts=prompts,
-        force=run.force,
-    )
+    if args.reward == "oracle":  # PPO-GT: the pipeline's stage, at the --kl-coef given here
+        args.ppo_gt_kl_coef = cfg.kl_coef
+    name = "ppo" if args.reward == "rm" else "ppo_gt"
+    stage, ctx, stamp = _one_stage(args, name, ["ppo", "pipeline"], sft=args.sft, rm=args.rm,
+                                   prompts=args.prompts)  # fmt: skip
+    s = stamp["summary"]
     print(
-        f"ppo: {out / 'checkpoint.pt'} (held-out oracle reward {s['eval_oracle']:+.3f} "
+        f"ppo: {_trained(stage, ctx)} (held-out oracle reward {s['eval_oracle']:+.3f} "
         f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)"
     )
     return 0
 
 
-def _block_size(run: RunConfig, args: argparse.Namespace) -> int:
-    from minidpo.training import load_checkpoint
-
-    return int(load_checkpoint(_sft_path(run, args), kind="policy")["model_config"]["block_size"])
-
-
 def cmd_preferred_ft(args: argparse.Namespace) -> int:
-    from minidpo.baselines import PreferredFTConfig, run_preferred_ft
-
-    run = _run(args)
-    train_pairs, eval_pairs = _pairs_paths(run)
-    out = run_dir(run) / "preferred-ft"
-    s = run_preferred_ft(
-        sft_path=_sft_path(run, args),
-        train_pairs=train_pairs,
-        eval_pairs=eval_pairs,
-        out_dir=out,
-        cfg=_cfg(PreferredFTConfig, "preferred_ft", args),
-        seed=run.seed,
-        device=resolve_device(run.device),
-        force=run.force,
-    )
+    stage, ctx, stamp = _one_stage(args, "preferred_ft", ["preferred_ft"], sft=args.sft)
+    loss = stamp["summary"].get("train_loss")
     print(
-        f"preferred-ft: {out / 'checkpoint.pt'} (train loss {s.get('train/loss', float('nan')):.4f})"
+        f"preferred-ft: {_trained(stage, ctx)} (train loss {loss if loss is None else round(loss, 4)})"
     )
     return 0
 
 
 def cmd_best_of_n(args: argparse.Namespace) -> int:
-    from minidpo.atomic import atomic_write_json
-    from minidpo.baselines import best_of_n
-    from minidpo.evaluate import summarize
-    from minidpo.oracle import reward_breakdown
-    from minidpo.policy import load_policy
-    from minidpo.ppo import oracle_scores
-    from minidpo.reward_model import load_reward_model
-    from minidpo.world import load_world
 
     run = _run(args)
     cfg = _cfg(EvalConfig, "eval", args)
@@ -398,12 +332,12 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
     )
     prompts = [p.text for p in load_world().prompts("eval") for _ in range(cfg.samples_per_prompt)]
     samples = best_of_n(
-        policy, tok, prompts, n=args.n, score_fn=score_fn, seed=run.seed + 12345,
+        policy, tok, prompts, n=args.n, score_fn=score_fn, seed=seed_of(run.seed, "eval/samples"),
         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
     )  # fmt: skip
-    b = [reward_breakdown(x.prompt, x.response, terminated=x.terminated) for x in samples]
+    b = oracle_breakdowns(samples)
     result = summarize(samples, [x.total for x in b], [x.unparseable > 0 for x in b], None, None)
-    out = run_dir(run) / f"best-of-{args.n}-{args.reward}" / "eval.json"
+    out = _paths(run).folder / f"best-of-{args.n}-{args.reward}" / "eval.json"
     atomic_write_json(out, {"n": args.n, "reward": args.reward, **result.to_dict()})
     print(_eval_table({f"best-of-{args.n} ({args.reward})": result}))
     print(f"best-of-n: {out}")
@@ -411,7 +345,6 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
 
 
 def cmd_gravity(args: argparse.Namespace) -> int:
-    from minidpo.gravity import compute, load_example, render
 
     print(render(compute(load_example(args.example))))
     return 0
@@ -419,9 +352,6 @@ def cmd_gravity(args: argparse.Namespace) -> int:
 
 def _context(args: argparse.Namespace):
     """A pipeline Context from the flags: every stage group resolved for the preset."""
-    from minidpo.pipeline import GROUPS, Context, check_force
-    from minidpo.sft import world_tokenizer
-    from minidpo.world import load_world
 
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
@@ -434,8 +364,6 @@ def _context(args: argparse.Namespace):
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage in order, each skipped when done; --sweep adds the frontier sweep."""
-    from minidpo.pipeline import run_pipeline, run_sweep
-    from minidpo.report import summary_text
 
     ctx = _context(args)
     t0 = time.perf_counter()
@@ -463,7 +391,6 @@ SFT_HELP = "SFT checkpoint (default: the run's runs/<name>/sft/checkpoint.pt)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minidpo import __version__
 
     parser = _Parser(
         prog="minidpo",
@@ -501,9 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sft", help=SFT_HELP)
     p.add_argument("--ref", help="reference policy for KL and win rate (default: the SFT)")
     p.add_argument("--out", help="JSON output (default: eval.json beside the checkpoint)")
-    from minidpo.baselines import PreferredFTConfig
-    from minidpo.ppo import PPOConfig
-    from minidpo.reward_model import RewardModelConfig
 
     rm_help = "reward-model checkpoint (default: the run's runs/<name>/rm/checkpoint.pt)"
     p = add("rm", cmd_rm, "train the Bradley-Terry reward model on the run's pairs",
@@ -529,7 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gravity", help="the seed card's worked example, number by number")
     p.add_argument("--example", help="example JSON (default: data/gravity_example.json)")
     p.set_defaults(handler=cmd_gravity, preset=None)
-    from minidpo.pipeline import GROUPS, STAGE_NAMES
 
     for name, handler, help_ in (
         ("pipeline", cmd_pipeline, "every stage in order, then the evaluation, plots and report"),

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import minidpo
+from minidpo import dpo
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
@@ -36,7 +37,8 @@ from minidpo.config import (
     resolve,
     to_dict,
 )
-from minidpo.sft import run_dir
+from minidpo.pipeline import GROUPS, run_stages
+from minidpo.stage import Context, run_stage
 
 FAST_ENV = "MINIDPO_LESSONS_FAST"
 RUNS_ENV = "MINIDPO_LESSONS_RUNS"
@@ -82,13 +84,12 @@ def config(cls: type, group: str, **overrides):
 
 def folder() -> Path:
     """The lessons' run folder (created on first use)."""
-    return run_dir(run_config())
+    run = run_config()
+    return Path(run.runs_dir) / run.name
 
 
 def context(progress: bool = False):
     """The lessons' run as a pipeline `Context` (every stage group at the lesson preset)."""
-    from minidpo.pipeline import GROUPS, Context
-
     cfg = {group: config(cls, group) for group, cls in GROUPS.items()}
     return Context(run=run_config(), cfg=cfg, device=torch.device("cpu"), progress=progress,
                    log=lambda message: None)  # fmt: skip
@@ -96,8 +97,6 @@ def context(progress: bool = False):
 
 def sft_checkpoint(progress: bool = False) -> Path:
     """The SFT policy of the lessons' run, trained first if it is not there (lesson 03)."""
-    from minidpo.pipeline import run_stages
-
     ctx = context(progress)
     run_stages(ctx, ["sft"])
     return ctx.sft_path
@@ -105,8 +104,6 @@ def sft_checkpoint(progress: bool = False) -> Path:
 
 def preference_pairs() -> tuple[Path, Path]:
     """(train.jsonl, eval.jsonl): pairs sampled from the SFT policy, built if missing."""
-    from minidpo.pipeline import run_stages
-
     ctx = context()
     run_stages(ctx, ["prefs"])
     return ctx.pairs
@@ -114,32 +111,24 @@ def preference_pairs() -> tuple[Path, Path]:
 
 def reward_model_checkpoint(progress: bool = False) -> Path:
     """The Bradley-Terry reward model on the lessons' pairs, trained if missing (lesson 04)."""
-    from minidpo.pipeline import run_stages
-
     ctx = context(progress)
     run_stages(ctx, ["rm"])
-    return ctx.folder / "rm" / "checkpoint.pt"
+    return ctx.paths.rm
 
 
 def dpo_checkpoint(progress: bool = False, **overrides) -> Path:
-    """A DPO policy on the lessons' pairs (`overrides`: DPOConfig fields, e.g. beta=0.5)."""
-    from minidpo.dpo import run_dpo
-
+    """A DPO policy on the lessons' pairs (`overrides`: DPOConfig fields, e.g. beta=0.5),
+    one folder per full config (``dpo-<loss>-beta<b>-<hash of the config>``)."""
     cfg = config(DPOConfig, "dpo", **overrides)
-    train, held_out = preference_pairs()
     key = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    out = folder() / f"dpo-{cfg.loss}-beta{cfg.beta:g}-{key}"  # one folder per full config
-    run_dpo(
-        sft_path=sft_checkpoint(),
-        train_pairs=train,
-        eval_pairs=held_out,
-        out_dir=out,
-        cfg=cfg,
-        seed=run_config().seed,
-        device=torch.device("cpu"),
-        progress=progress,
-    )
-    return out / "checkpoint.pt"
+    ctx = context(progress)
+    run_stages(ctx, ["ref_logps"])
+
+    def out(c: Context) -> Path:
+        return c.paths.dpo_dir(cfg.loss, cfg.beta, cfg.label_smoothing, tag=key)
+
+    run_stage(ctx, dpo.stage(f"dpo-{key}", overrides=overrides, folder=out), {})
+    return out(ctx) / "checkpoint.pt"
 
 
 def eval_config(**overrides) -> EvalConfig:

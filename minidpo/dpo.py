@@ -22,68 +22,24 @@ normalisation, padding-free packing.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from minidpo.atomic import atomic_torch_save, atomic_write_json
 from minidpo.batching import Batch
+from minidpo.checkpoints import file_sha256, load_checkpoint, stage_state
 from minidpo.config import DPOConfig, to_dict
-from minidpo.errors import MinidpoError
-from minidpo.logprobs import concatenated_batch, concatenated_logprobs
+from minidpo.logprobs import concatenated_logprobs
 from minidpo.losses import check_loss_args, preference_loss
-from minidpo.policy import build_policy
-from minidpo.preferences import PreferencePair, load_pairs
-from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, file_sha256, load_checkpoint, stage_status, train
-from minidpo.world import format_prompt
-
-
-@dataclass
-class TokenizedPairs:
-    """Token ids of N preference pairs (responses end with eot when they terminated)."""
-
-    prompts: list[list[int]]
-    chosen: list[list[int]]
-    rejected: list[list[int]]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def batch(self, idx: Sequence[int], pad_id: int) -> Batch:
-        """The concatenated [chosen; rejected] batch of the pairs at `idx` (2B rows)."""
-        return concatenated_batch(
-            [self.prompts[i] for i in idx],
-            [self.chosen[i] for i in idx],
-            [self.rejected[i] for i in idx],
-            pad_id=pad_id,
-        )
-
-
-def tokenize_pairs(
-    pairs: Sequence[PreferencePair], tok: Tokenizer, block_size: int, source: str
-) -> TokenizedPairs:
-    """Encode pairs; a pair longer than the model's context is an error naming it."""
-    prompts = tok.encode_batch([format_prompt(p.prompt) for p in pairs])
-    chosen = tok.encode_batch([p.chosen for p in pairs])
-    rejected = tok.encode_batch([p.rejected for p in pairs])
-    for i, p in enumerate(pairs):
-        if p.chosen_terminated:
-            chosen[i].append(tok.eot_id)
-        if p.rejected_terminated:
-            rejected[i].append(tok.eot_id)
-        longest = len(prompts[i]) + max(len(chosen[i]), len(rejected[i])) - 1
-        if longest > block_size:
-            raise MinidpoError(
-                f"{source}: pair {i + 1} needs {longest} tokens, the model's context is {block_size}"
-            )
-    return TokenizedPairs(prompts, chosen, rejected)
+from minidpo.policy import build_policy, load_policy
+from minidpo.preferences import TokenizedPairs, load_pairs, tokenize_pairs
+from minidpo.seeds import stream
+from minidpo.stage import Context, Stage, method_config, training_summary
+from minidpo.training import LoopConfig, train
 
 
 @torch.no_grad()
@@ -165,15 +121,12 @@ def run_dpo(
     cfg: DPOConfig,
     seed: int,
     device: torch.device,
+    resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    force: bool = False,
 ) -> dict[str, Any]:
-    """Train a DPO policy from the SFT checkpoint; returns the final metrics summary.
-
-    Skipped when `out_dir` holds a finished run of the same configuration, SFT
-    checkpoint and pairs; an unfinished one is resumed.
-    """
+    """Train a DPO policy from the SFT checkpoint (`resume`: continue from the checkpoint
+    in `out_dir`); returns the final metrics summary."""
     check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing)
     stage_config = {
         "dpo": to_dict(cfg),
@@ -181,9 +134,6 @@ def run_dpo(
         "sft_sha256": file_sha256(sft_path),
         "pairs_sha256": file_sha256(train_pairs),
     }
-    status = stage_status(out_dir / "checkpoint.pt", stage_config, force=force)
-    if status == "done" and (out_dir / "summary.json").exists():
-        return json.loads((out_dir / "summary.json").read_text())
     sft = load_checkpoint(sft_path, kind="policy")
     policy, tok = build_policy(sft)
     policy = policy.to(device)
@@ -195,7 +145,7 @@ def run_dpo(
         eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
-        rng = np.random.default_rng([seed, 3, step])
+        rng = stream(seed, "dpo/batch", step)
         idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
         return train_data.batch(idx, tok.eot_id).to(device), torch.as_tensor(idx)
 
@@ -211,9 +161,7 @@ def run_dpo(
         pc, pr = compute_logps(model, eval_data, tok.eot_id)
         return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
 
-    loop = LoopConfig.from_config(
-        cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=status != "fresh"
-    )
+    loop = LoopConfig.from_config(cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=resume)
     t0 = time.perf_counter()
     last = train(
         policy,
@@ -222,13 +170,8 @@ def run_dpo(
         loss_fn=loss_fn,
         ckpt_path=out_dir / "checkpoint.pt",
         metrics_path=out_dir / "metrics.jsonl",
-        checkpoint_extra={
-            "kind": "policy",
-            "stage": "dpo",
-            "model_config": sft["model_config"],
-            "tokenizer": tok.to_dict(),
-            "stage_config": stage_config,
-        },
+        checkpoint_extra=stage_state(kind="policy", stage="dpo", model_config=sft["model_config"],
+                                     tokenizer=tok.to_dict(), config=stage_config),
         eval_fn=eval_fn if eval_pairs is not None else None,
         stop_after=stop_after,
         progress=progress,
@@ -238,3 +181,59 @@ def run_dpo(
     if stop_after is None:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _ref_logps(ctx: Context, resume: bool) -> dict[str, Any]:
+    """Reference log-probs of every pair, computed once and cached beside the pairs."""
+    _, tok = load_policy(ctx.paths.sft)
+    block = ctx.cfg["model"].block_size
+    tokens = 0
+    for path in ctx.pairs:
+        for old in path.parent.glob(f"{path.stem}.ref-*.pt"):
+            old.unlink()  # the stage reruns only when they are stale
+        data = tokenize_pairs(load_pairs(path, warn=False)[0], tok, block, str(path))
+        reference_logps(path, ctx.paths.sft, data, tok.eot_id, ctx.device)
+        tokens += sum(2 * len(p) + len(c) + len(r)
+                      for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True))  # fmt: skip
+    return {"tokens_forward": tokens}
+
+
+REF_LOGPS_STAGE = Stage(
+    "ref_logps", _ref_logps, ("model",), ("sft", "prefs"),
+    inputs=lambda c: [c.paths.sft, *c.pairs],
+    outputs=lambda c: sorted(c.paths.prefs_dir.glob("*.ref-*.pt")),
+)  # fmt: skip
+
+
+def stage(
+    name: str = "dpo",
+    *,
+    overrides: dict[str, Any] | None = None,
+    seed: int | None = None,
+    folder: Callable[[Context], Path] | None = None,
+) -> Stage:
+    """The DPO stage: the run's own (``dpo``), or a sweep's or a lesson's run with
+    `overrides` of DPOConfig fields, its own `seed` and `folder`."""
+
+    def config(ctx: Context) -> DPOConfig:
+        return method_config(ctx, "dpo", overrides, "steps")
+
+    def out(ctx: Context) -> Path:
+        cfg = config(ctx)
+        return folder(ctx) if folder else ctx.paths.dpo_dir(cfg.loss, cfg.beta, cfg.label_smoothing)
+
+    def inputs(ctx: Context) -> list[Path]:
+        held_out = [ctx.paths.eval_pairs] if ctx.paths.eval_pairs.exists() else []
+        return [ctx.paths.sft, ctx.paths.train_pairs, *held_out]
+
+    def fn(ctx: Context, resume: bool) -> dict[str, Any]:
+        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        s = run_dpo(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
+                    eval_pairs=held_out, out_dir=out(ctx), cfg=config(ctx),
+                    seed=ctx.run.seed if seed is None else seed, device=ctx.device,
+                    resume=resume, progress=ctx.progress)  # fmt: skip
+        return training_summary(s)
+
+    return Stage(name, fn, ("dpo",), ("ref_logps",), inputs=inputs,
+                 outputs=lambda c: [out(c) / "checkpoint.pt"],
+                 extra_key=lambda c: [overrides, seed])  # fmt: skip

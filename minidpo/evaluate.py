@@ -28,7 +28,7 @@ from minidpo.batching import build_batch
 from minidpo.logprobs import sequence_logprobs
 from minidpo.model import GPT
 from minidpo.oracle import reward_breakdown
-from minidpo.policy import Sample, encode_prompt, sample_responses
+from minidpo.sampling import Sample, encode_prompt, sample_responses
 from minidpo.tokenizer import Tokenizer
 
 

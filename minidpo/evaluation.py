@@ -7,8 +7,9 @@
   (`PipelineConfig.frontier_samples_per_prompt`), as the paper's Figure 2 (left)
   plots oracle reward against KL.
 * Best-of-N has no policy to take a log-ratio of; its KL to SFT is the closed form
-  log N - (N - 1)/N (an upper bound, as in Gao et al. 2022, arXiv 2210.10760; exact when
-  the N scores have no ties), which is what papers plot for it.
+  log N - (N - 1)/N, exact when the N scores have no ties and an upper bound otherwise
+  (Beirami et al. 2024, arXiv 2401.01879, who prove the bound; the formula is what
+  papers plot for it, e.g. Gao et al. 2022, arXiv 2210.10760).
 * "Explain gravity.": a few responses of each method, the report's side-by-side.
 
 Everything is written to ``eval/results.json`` (and ``sweep/points.json`` for the
@@ -22,21 +23,18 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from minidpo.atomic import atomic_write_json, atomic_write_jsonl
-from minidpo.evaluate import evaluate_policy, summarize
-from minidpo.oracle import reward_breakdown
-from minidpo.policy import Sample, build_policy, load_policy
-from minidpo.training import file_sha256, load_checkpoint, snapshots
+from minidpo.atomic import atomic_write_json
+from minidpo.baselines import GRAVITY, GRAVITY_SAMPLES
+from minidpo.checkpoints import file_sha256, load_checkpoint, snapshots
+from minidpo.evaluate import EvalResult, evaluate_policy, summarize
+from minidpo.policy import build_policy, load_policy
+from minidpo.sampling import Sample, sample_responses
+from minidpo.scoring import oracle_scores
+from minidpo.seeds import seed_of
+from minidpo.stage import Context, Stage
 from minidpo.world import load_world
-
-if TYPE_CHECKING:
-    from minidpo.pipeline import Context
-
-GRAVITY = "Explain gravity."
-GRAVITY_SAMPLES = 2
-EVAL_SEED_OFFSET = 12345  # as `minidpo eval`: held-out sampling seeds differ from training's
 
 
 def best_of_n_kl(n: int) -> float:
@@ -48,41 +46,15 @@ def _eval_prompts() -> list[str]:
     return [p.text for p in load_world().prompts("eval")]
 
 
-def _oracle(samples: Sequence[Sample]) -> list[float]:
-    return [reward_breakdown(s.prompt, s.response, terminated=s.terminated).total for s in samples]
-
-
-def best_of_n_samples(ctx: Context) -> dict[str, Any]:
-    """Best-of-N selections (reward model picks) on the held-out prompts, written to
-    ``best-of-n/samples.jsonl``; plus the selections for "Explain gravity."."""
-    from minidpo.baselines import best_of_n
-    from minidpo.reward_model import load_reward_model
-
-    p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
-    policy, tok = load_policy(ctx.sft_path, ctx.device)
-    rm = load_reward_model(ctx.folder / "rm" / "checkpoint.pt", ctx.device)
-    prompts = [x for x in _eval_prompts() for _ in range(p.best_of_n_samples_per_prompt)]
-    prompts += [GRAVITY] * GRAVITY_SAMPLES
-    tokens = [0]
-
-    def score(candidates: Sequence[Sample]):
-        # each candidate went through the policy (sampling) and the reward model: 2 forwards
-        tokens[0] += 2 * sum(
-            len(tok.encode(s.prompt)) + 1 + len(s.response_ids) for s in candidates
-        )
-        return rm.score(candidates)
-
-    picked = best_of_n(policy, tok, prompts, n=p.best_of_n, score_fn=score,
-                       seed=ctx.run.seed + EVAL_SEED_OFFSET, temperature=ev.temperature,
-                       max_new_tokens=ev.max_new_tokens)  # fmt: skip
-    scored = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in picked]
-    rows = [{"prompt": s.prompt, "response": s.response, "terminated": s.terminated,
-             "n_tokens": len(s.response_ids), "oracle": b.total, "unparseable": b.unparseable > 0}
-            for s, b in zip(picked, scored, strict=True)]  # fmt: skip
-    atomic_write_jsonl(ctx.folder / "best-of-n" / "samples.jsonl", rows)
-    n_gen = len(prompts) * p.best_of_n
-    return {"n": p.best_of_n, "selections": len(rows), "samples_generated": n_gen,
-            "tokens_forward": tokens[0], "tokens_backward": 0}  # fmt: skip
+def policy_dirs(ctx: Context) -> dict[str, Path]:
+    """Method name -> training folder of every trained policy of the pipeline."""
+    c, paths = ctx.cfg, ctx.paths
+    return {
+        "DPO": paths.dpo_dir(c["dpo"].loss, c["dpo"].beta, c["dpo"].label_smoothing),
+        "PPO": paths.ppo_dir("rm", c["ppo"].kl_coef),
+        "PPO-GT": paths.ppo_dir("oracle", c["pipeline"].ppo_gt_kl_coef),
+        "Preferred-FT": paths.preferred_ft_dir,
+    }
 
 
 def _point(result, **extra) -> dict[str, Any]:
@@ -97,7 +69,7 @@ def evaluate_snapshots(
     of the snapshot and the evaluation settings (an interrupted sweep resumes)."""
     spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
     ev = ctx.cfg["eval"]
-    eval_seed = seed + EVAL_SEED_OFFSET  # per training seed: sampling noise independent too
+    eval_seed = seed_of(seed, "eval/samples")  # per training seed: sampling noise independent too
     points = []
     for snap in snapshots(folder):
         key = hashlib.sha256(
@@ -129,75 +101,60 @@ def _sft_reference(ctx: Context, samples_per_prompt: int, seed: int | None = Non
     ref, tok = loaded or load_policy(ctx.sft_path, ctx.device)
     result, samples, rewards = evaluate_policy(
         ref, tok, _eval_prompts(), samples_per_prompt=samples_per_prompt,
-        seed=(ctx.run.seed if seed is None else seed) + EVAL_SEED_OFFSET,
+        seed=seed_of(ctx.run.seed if seed is None else seed, "eval/samples"),
         temperature=ev.temperature, max_new_tokens=ev.max_new_tokens,
     )  # fmt: skip
     return ref, tok, result, samples, rewards
 
 
 def _gravity(model, tok, ctx: Context) -> list[dict[str, Any]]:
-    from minidpo.policy import sample_responses
-
     ev = ctx.cfg["eval"]
-    out = sample_responses(model, tok, [GRAVITY] * GRAVITY_SAMPLES, seed=ctx.run.seed + 777,
+    out = sample_responses(model, tok, [GRAVITY] * GRAVITY_SAMPLES,
+                           seed=seed_of(ctx.run.seed, "eval/gravity"),
                            temperature=ev.temperature, max_new_tokens=ev.max_new_tokens)  # fmt: skip
     return [{"response": s.response, "terminated": s.terminated, "oracle": r}
-            for s, r in zip(out, _oracle(out), strict=True)]  # fmt: skip
+            for s, r in zip(out, oracle_scores(out).tolist(), strict=True)]  # fmt: skip
 
 
-def evaluate_all(ctx: Context) -> dict[str, Any]:
+def _best_of_n(ctx: Context, sft_rewards: list[float]) -> tuple[EvalResult, list[dict]]:
+    """Best-of-N's result from its stage's selections (KL: the closed form), and its rows."""
+    p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
+    rows = [json.loads(x) for x in ctx.paths.best_of_n_samples.open()]
+    held_out = rows[: len(rows) - GRAVITY_SAMPLES]  # the last rows answer "Explain gravity."
+    k, spp = p.best_of_n_samples_per_prompt, ev.samples_per_prompt
+    # win rate: selection j of prompt i against SFT sample j of the same prompt (the
+    # seeds differ: Best-of-N draws its candidates in one call of its own)
+    paired = [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(held_out))] if k <= spp else None
+    fake = [Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in held_out]
+    result = summarize(fake, [x["oracle"] for x in held_out],
+                       [x["unparseable"] for x in held_out], None, paired)  # fmt: skip
+    return result, rows
+
+
+def evaluate_all(ctx: Context, resume: bool = False) -> dict[str, Any]:
     """Evaluate every method of the pipeline; writes ``eval/results.json``."""
-    from minidpo.pipeline import _policy_dirs
-
     ev, p = ctx.cfg["eval"], ctx.cfg["pipeline"]
     ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
     final = {"SFT": sft_result.to_dict()}
     rewards = {"SFT": sft_rewards}
     gravity = {"SFT": _gravity(ref, tok, ctx)}
-    for method, folder in _policy_dirs(ctx).items():
+    for method, folder in policy_dirs(ctx).items():
         model, _ = load_policy(folder / "checkpoint.pt", ctx.device)
         result, _, r = evaluate_policy(
             model, tok, _eval_prompts(), samples_per_prompt=ev.samples_per_prompt,
-            seed=ctx.run.seed + EVAL_SEED_OFFSET, ref=ref, temperature=ev.temperature,
+            seed=seed_of(ctx.run.seed, "eval/samples"), ref=ref, temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens, ref_rewards=sft_rewards,
         )  # fmt: skip
         final[method], rewards[method] = result.to_dict(), r
         gravity[method] = _gravity(model, tok, ctx)
-
-    bon = [json.loads(x) for x in (ctx.folder / "best-of-n" / "samples.jsonl").open()]
-    bon_eval = bon[: len(bon) - GRAVITY_SAMPLES]  # the last rows answer "Explain gravity."
-    k, spp = p.best_of_n_samples_per_prompt, ev.samples_per_prompt
-    # win rate: selection j of prompt i against SFT sample j of the same prompt (the
-    # seeds differ: Best-of-N draws its candidates in one call of its own)
-    paired = (
-        [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(bon_eval))] if k <= spp else None
-    )
-    fake = [
-        Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in bon_eval
-    ]
-    bon_result = summarize(fake, [x["oracle"] for x in bon_eval],
-                           [x["unparseable"] for x in bon_eval],
-                           None, paired)  # fmt: skip
+    bon_result, bon = _best_of_n(ctx, sft_rewards)
     name = f"Best-of-{p.best_of_n}"
     final[name] = {**bon_result.to_dict(), "kl_mean": best_of_n_kl(p.best_of_n), "kl_se": 0.0,
                    "kl_note": "closed form log N - (N-1)/N"}  # fmt: skip
-    rewards[name] = [x["oracle"] for x in bon_eval]
+    rewards[name] = [x["oracle"] for x in bon[: len(bon) - GRAVITY_SAMPLES]]
     gravity[name] = [{"response": x["response"], "terminated": x["terminated"], "oracle": x["oracle"]}
                      for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
-
-    # frontier points of the pipeline's own runs (one seed), SFT at the origin
-    frontier = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
-                       elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
-    if p.frontier_samples_per_prompt != ev.samples_per_prompt:
-        _, _, small, _, small_rewards = _sft_reference(
-            ctx, p.frontier_samples_per_prompt, loaded=(ref, tok)
-        )
-    else:
-        small, small_rewards = sft_result, sft_rewards
-    frontier[0].update(reward=small.reward_mean, reward_se=small.reward_se)
-    for method, folder in _policy_dirs(ctx).items():
-        frontier += evaluate_snapshots(ctx, folder, method, _setting(ctx, method), ctx.run.seed,
-                                       ref, small_rewards, tok)  # fmt: skip
+    frontier = _frontier(ctx, ref, tok, sft_result, sft_rewards)
     frontier.append({"method": name, "setting": "", "seed": ctx.run.seed, "step": 0,
                      "elapsed_s": 0.0, "reward": bon_result.reward_mean,
                      "reward_se": bon_result.reward_se, "kl": best_of_n_kl(p.best_of_n),
@@ -211,8 +168,26 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
         "gravity": gravity,
         "reach_margin": p.reach_margin,
     }
-    atomic_write_json(ctx.folder / "eval" / "results.json", out)
+    atomic_write_json(ctx.paths.results, out)
     return {m: {"reward": r["reward_mean"], "kl": r["kl_mean"]} for m, r in final.items()}
+
+
+def _frontier(ctx: Context, ref, tok, sft_result, sft_rewards) -> list[dict[str, Any]]:
+    """Frontier points of the pipeline's own runs (one seed), SFT at the origin."""
+    p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
+    frontier = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
+                       elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5)]  # fmt: skip
+    if p.frontier_samples_per_prompt != ev.samples_per_prompt:
+        _, _, small, _, small_rewards = _sft_reference(
+            ctx, p.frontier_samples_per_prompt, loaded=(ref, tok)
+        )
+    else:
+        small, small_rewards = sft_result, sft_rewards
+    frontier[0].update(reward=small.reward_mean, reward_se=small.reward_se)
+    for method, folder in policy_dirs(ctx).items():
+        frontier += evaluate_snapshots(ctx, folder, method, _setting(ctx, method), ctx.run.seed,
+                                       ref, small_rewards, tok)  # fmt: skip
+    return frontier
 
 
 def _setting(ctx: Context, method: str) -> str:
@@ -227,8 +202,6 @@ def _setting(ctx: Context, method: str) -> str:
 
 def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) -> list[dict]:
     """Every snapshot of every sweep run; writes ``sweep/points.json``."""
-    from minidpo.pipeline import sweep_dir
-
     spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
     points, refs = [], {}
     for method, setting, value, seed in runs:
@@ -239,8 +212,18 @@ def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) ->
             points.append(_point(sft_result, method="SFT", setting="", seed=seed, step=0,
                                  elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5))  # fmt: skip
         ref, tok, sft_rewards = refs[seed]
-        points += evaluate_snapshots(ctx, sweep_dir(ctx, method, value, seed), method, setting,
+        points += evaluate_snapshots(ctx, ctx.paths.sweep_dir(method, value, seed), method, setting,
                                      seed, ref, sft_rewards, tok)  # fmt: skip
     atomic_write_json(ctx.folder / "sweep" / "points.json",
                       {"samples_per_prompt": spp, "points": points})  # fmt: skip
     return points
+
+
+EVAL_STAGE = Stage(
+    "eval", evaluate_all, ("eval",), ("dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n"),
+    inputs=lambda c: [c.paths.sft, *(d / "checkpoint.pt" for d in policy_dirs(c).values()),
+                      c.paths.best_of_n_samples],
+    outputs=lambda c: [c.paths.results],
+    extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
+                         c.cfg["pipeline"].reach_margin],
+)  # fmt: skip

@@ -24,8 +24,9 @@ import torch
 from minidpo import numpy_ref
 from minidpo.errors import MinidpoError
 from minidpo.losses import preference_loss
+from minidpo.resources import data_dir
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "data" / "gravity_example.json"
+DEFAULT_PATH = data_dir() / "gravity_example.json"  # in the checkout or the wheel
 FORMAT, VERSION = "minidpo-gravity-example", 1
 _LOGP_KEYS = ("policy_chosen_logp", "ref_chosen_logp", "policy_rejected_logp", "ref_rejected_logp")
 

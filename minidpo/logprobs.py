@@ -14,24 +14,24 @@ from collections.abc import Sequence
 
 import torch
 
-from minidpo.batching import Batch, build_batch, token_logprobs
+from minidpo.batching import Batch
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label_t | tokens_<t) at each position: (B, T, V), (B, T) -> (B, T).
+
+    Padding labels (-1) get log-prob 0; mask them before summing anyway.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    safe = labels.clamp(min=0).unsqueeze(-1)  # (B, T, 1)
+    out = logp.gather(-1, safe).squeeze(-1)  # (B, T)
+    return out.masked_fill(labels < 0, 0.0)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Summed response log-probs of each row: (B, T) batch -> (B,)."""
     logits = model(batch.input_ids)  # (B, T, V)
     return (token_logprobs(logits, batch.labels) * batch.mask).sum(-1)  # (B,)
-
-
-def concatenated_batch(
-    prompts: Sequence[Sequence[int]],
-    chosen: Sequence[Sequence[int]],
-    rejected: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-) -> Batch:
-    """One right-padded batch of 2B rows: B (prompt, chosen) rows, then B (prompt, rejected)."""
-    return build_batch([*prompts, *prompts], [*chosen, *rejected], pad_id=pad_id)
 
 
 def concatenated_logprobs(

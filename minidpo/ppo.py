@@ -17,7 +17,8 @@ PPO trainer):
    GAE advantages and returns; advantages whitened (`minidpo.ppo_math`);
 5. `ppo_epochs` passes over shuffled minibatches: clipped surrogate (PPO Eq. 7) +
    `vf_coef` x clipped value loss, one Adam step per minibatch (eps 1e-5, gradient
-   norm clipped), policy and value model in one optimizer, as TRL;
+   norm clipped), policy and value model in one optimizer, as TRL, each with its own
+   learning rate (`lr`, `value_lr`);
 6. optionally, the adaptive KL controller moves beta towards `kl_target`.
 
 The value model is a `ScalarHeadModel`: initialised from the reward model's weights
@@ -36,16 +37,18 @@ val/clipfrac_avg, time/rollout, time/scoring, time/update (seconds), and every
 `eval_every` iterations (and at step 0, before any update) eval/oracle and eval/kl
 on the held-out prompts at temperature 1.
 
-Left out: separate policy/value learning rates, learning-rate annealing, reward
-clipping, value normalisation, early stopping on approxkl, gradient accumulation.
+The loop itself (checkpoints, resume, evaluation, snapshots) is the one every trainer
+shares, `minidpo.training.run_loop`, with `ppo_iteration` as its step; the value
+model and beta travel in the checkpoint as carried state.
+
+Left out: learning-rate annealing, reward clipping, value normalisation, early
+stopping on approxkl, gradient accumulation.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,16 +57,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from minidpo.atomic import atomic_write_json
-from minidpo.batching import build_batch, token_logprobs
+from minidpo.batching import build_batch
+from minidpo.checkpoints import provenance, stage_state
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.evaluate import sample_logprobs
+from minidpo.logprobs import token_logprobs
 from minidpo.model import GPT, ScalarHeadModel
-from minidpo.oracle import oracle_reward
-from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
+from minidpo.policy import load_policy
 from minidpo.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -75,19 +78,14 @@ from minidpo.ppo_math import (
     value_loss,
     whiten,
 )
+from minidpo.reward_model import load_reward_model
+from minidpo.sampling import encode_prompt, load_prompts, sample_responses
+from minidpo.scoring import ScoreFn, oracle_scores
+from minidpo.seeds import seed_of, stream
+from minidpo.stage import Context, Stage, method_config
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import (
-    MetricsLog,
-    file_sha256,
-    load_checkpoint,
-    read_metrics,
-    save_checkpoint,
-    save_snapshot,
-    stage_status,
-)
+from minidpo.training import Carried, LoopConfig, read_metrics, run_loop
 from minidpo.world import load_world
-
-ScoreFn = Callable[[list[Sample]], torch.Tensor]
 
 
 @dataclass
@@ -125,7 +123,7 @@ class PPOConfig:
     eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
     eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
-    snapshot_every: int = _f(0, "save the weights every N iterations for the frontier (0: off)")
+    snapshot_every: int = _f(0, "save the weights every N iterations, the frontier's points (0: about 4 per run)")
 
     def validate(self, flag_prefix: str = "", *, oracle: bool = False) -> None:
         """Raise MinidpoError naming the flag of the first bad value (`flag_prefix`: the
@@ -164,18 +162,6 @@ class PPOConfig:
                 f"{self.missing_eot_penalty} (r* already charges -1 for a response "
                 "that never ended; the penalty is for a learned reward model)"
             )
-
-
-def oracle_scores(samples: Sequence[Sample]) -> torch.Tensor:
-    """The oracle reward r* of each sample (unterminated ones penalised by r*): (B,)."""
-    world = load_world()
-    return torch.tensor(
-        [
-            oracle_reward(s.prompt, s.response, terminated=s.terminated, world=world)
-            for s in samples
-        ],
-        dtype=torch.float32,
-    )
 
 
 @dataclass
@@ -241,7 +227,7 @@ def state_digest(state: dict[str, torch.Tensor] | None) -> str | None:
 
 
 @torch.no_grad()
-def evaluate(
+def heldout_oracle_kl(
     policy: GPT,
     ref: GPT,
     tok: Tokenizer,
@@ -260,13 +246,13 @@ def evaluate(
     samples = sample_responses(
         policy, tok, expanded, seed=seed, temperature=1.0, max_new_tokens=max_new_tokens
     )
-    rewards = oracle_scores(samples)
+    rewards = oracle_scores(samples).float()
     log_ratio = sample_logprobs(policy, tok, samples) - sample_logprobs(ref, tok, samples)
     return {
-        "eval/oracle": float(rewards.mean()),
-        "eval/kl": float(log_ratio.mean()),
-        "eval/unterminated": float(np.mean([not s.terminated for s in samples])),
-        "eval/length": float(np.mean([len(s.response_ids) for s in samples])),
+        "oracle": float(rewards.mean()),
+        "kl": float(log_ratio.mean()),
+        "unterminated": float(np.mean([not s.terminated for s in samples])),
+        "length": float(np.mean([len(s.response_ids) for s in samples])),
     }
 
 
@@ -280,21 +266,19 @@ def run_ppo(
     device: torch.device | str = "cpu",
     value_init: dict[str, torch.Tensor] | None = None,
     prompts: Sequence[str] | None = None,
+    resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    force: bool = False,
     flag_prefix: str = "",
 ) -> dict[str, Any]:
     """Train a policy with PPO from the SFT checkpoint at `sft_path`; returns a summary.
 
     Writes ``checkpoint.pt`` (kind "policy", loadable by `minidpo.policy.load_policy`;
     it also holds the value model, the optimizer and beta, for resuming),
-    ``metrics.jsonl`` and ``summary.json`` into `out_dir`. A finished run of the same
-    configuration is skipped, an unfinished one resumed from its last checkpoint (the
-    iteration's prompts, samples and minibatch order depend on (seed, iteration) only,
-    so a resumed run ends with the weights of an uninterrupted one); another
-    configuration is refused unless `force`. `stop_after` ends the call after that many
-    iterations, as if killed. `score_fn` is not part of the key: use one out_dir per reward.
+    ``metrics.jsonl`` and ``summary.json`` into `out_dir`; `resume` continues from the
+    checkpoint there (the iteration's prompts, samples and minibatch order depend on
+    (seed, iteration) only, so a resumed run ends with the weights of an uninterrupted
+    one). `stop_after` ends the call after that many iterations, as if killed.
     `prompts` replaces the world's training prompts (each must fit the context with
     `max_new_tokens` to spare). With ``snapshot_every``, the policy's weights are also
     saved every that many iterations under ``snapshots/`` (the frontier's points).
@@ -303,25 +287,14 @@ def run_ppo(
     """
     cfg.validate(flag_prefix, oracle=score_fn is oracle_scores)
     out_dir, device = Path(out_dir), torch.device(device)
-    ckpt_path = out_dir / "checkpoint.pt"
-    stage_config = {
-        "ppo": to_dict(cfg),
-        "seed": seed,
-        "sft_sha256": file_sha256(sft_path),
-        "value_init_sha256": state_digest(value_init),
-        "prompts_sha256": None
-        if prompts is None
-        else hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-    }
-    status = stage_status(ckpt_path, stage_config, force=force)
-    if status == "done" and (out_dir / "summary.json").exists():
-        return json.loads((out_dir / "summary.json").read_text())
-
-    sft = load_checkpoint(sft_path, kind="policy")
-    policy, tok = build_policy(sft)
-    policy = policy.to(device)
+    prompts_sha = None if prompts is None else hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    stage_config = {**provenance("ppo", cfg, seed, sft=Path(sft_path)),
+                    "value_init_sha256": state_digest(value_init), "prompts_sha256": prompts_sha}  # fmt: skip
+    policy, tok = load_policy(sft_path, device)
     ref = copy.deepcopy(policy).requires_grad_(False)
     value_model = make_value_model(policy, value_init, seed)
+    for m in (policy, ref, value_model):
+        m.eval()  # dropout off: rollout and update see the same distribution
     groups = [
         {"params": list(policy.parameters()), "lr": cfg.lr},
         {"params": list(value_model.parameters()), "lr": cfg.value_lr},
@@ -332,135 +305,79 @@ def run_ppo(
         if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )
-    start, tokens_fwd, tokens_bwd, elapsed = 0, 0, 0, 0.0
-    if status in ("resume", "done"):  # "done" without a summary: rebuild the summary
-        ckpt = load_checkpoint(ckpt_path, kind="policy")
-        policy.load_state_dict(ckpt["model"])
-        value_model.load_state_dict(ckpt["value_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        kl_ctl.value = float(ckpt["kl_coef"])
-        start = int(ckpt["step"])
-        tokens_fwd, tokens_bwd = (
-            int(ckpt.get("tokens_forward", 0)),
-            int(ckpt.get("tokens_backward", 0)),
-        )
-        elapsed = float(ckpt.get("elapsed_s", 0.0))
-    else:
-        shutil.rmtree(out_dir / "snapshots", ignore_errors=True)  # a fresh run's own
-    for m in (policy, ref, value_model):
-        m.eval()  # dropout off: rollout and update see the same distribution
-
     world = load_world()
-    train_prompts = (
-        list(prompts) if prompts is not None else [p.text for p in world.prompts("train")]
-    )
-    eval_prompts = [p.text for p in world.prompts("eval")]
-    block = policy.config.block_size
+    train_prompts = list(prompts) if prompts is not None else [p.text for p in world.prompts("train")]
     if not train_prompts:
         raise MinidpoError("PPO needs at least one training prompt")
+    block = policy.config.block_size
     for p in train_prompts:
         encode_prompt(tok, p, block, cfg.max_new_tokens)  # fail now, not mid-run
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start)
-    eval_seed = int(np.random.SeedSequence([seed, 7]).generate_state(1)[0])
+    eval_prompts = [p.text for p in world.prompts("eval")]
+    eval_seed = seed_of(seed, "ppo/eval")
 
-    def run_eval() -> dict[str, float]:
-        return evaluate(
-            policy, ref, tok, eval_prompts, samples_per_prompt=cfg.eval_samples_per_prompt,
-            seed=eval_seed, max_new_tokens=cfg.max_new_tokens,
-        )  # fmt: skip
-
-    policy_extra = {
-        "kind": "policy",
-        "stage": "ppo",
-        "model_config": sft["model_config"],
-        "tokenizer": tok.to_dict(),
-        "stage_config": stage_config,
-    }
-
-    def checkpoint(step: int, done: bool) -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                **policy_extra,
-                "model": policy.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "done": done,
-                "value_model": value_model.state_dict(),
-                "kl_coef": kl_ctl.value,
-                "tokens_forward": tokens_fwd,
-                "tokens_backward": tokens_bwd,
-                "elapsed_s": elapsed + time.perf_counter() - t_run,
-            },
-        )
-
-    if start == 0:
-        log.log({"step": 0, **run_eval()})
-    t_run = time.perf_counter()
-    bar = tqdm(range(start, cfg.iterations), desc="ppo", disable=not progress, leave=False)
-    reached = start
-    for it in bar:
-        row = ppo_iteration(
+    def step_fn(it: int) -> dict[str, Any]:
+        return ppo_iteration(
             it, policy=policy, ref=ref, value_model=value_model, optimizer=optimizer,
             kl_ctl=kl_ctl, tok=tok, prompts=train_prompts, block=block, cfg=cfg,
             score_fn=score_fn, seed=seed, device=device,
         )  # fmt: skip
-        done_iters = reached = it + 1
-        tokens_fwd += row["tokens/forward"]
-        tokens_bwd += row["tokens/backward"]
-        if done_iters % cfg.eval_every == 0 or done_iters == cfg.iterations:
-            t0 = time.perf_counter()
-            row.update(run_eval())
-            row["time/eval"] = time.perf_counter() - t0
-        row.update(
-            tokens_forward=tokens_fwd,
-            tokens_backward=tokens_bwd,
-        )
-        row["time/elapsed"] = elapsed + time.perf_counter() - t_run
-        log.log(row)
-        if cfg.snapshot_every and done_iters % cfg.snapshot_every == 0:
-            save_snapshot(out_dir, policy_extra, policy, done_iters, row["time/elapsed"])
-        bar.set_postfix(
-            score=f"{row['objective/scores']:+.2f}", kl=f"{row['objective/kl']:.2f}",
-            oracle=f"{row['objective/oracle']:+.2f}",
-        )  # fmt: skip
-        if done_iters == cfg.iterations:
-            checkpoint(done_iters, done=True)
-        elif done_iters % cfg.ckpt_every == 0:
-            checkpoint(done_iters, done=False)
-        if stop_after is not None and done_iters - start >= stop_after:
-            if done_iters < cfg.iterations:
-                checkpoint(done_iters, done=False)
-            break
-    bar.close()
-    wall = time.perf_counter() - t_run
 
-    rows = read_metrics(out_dir / "metrics.jsonl")
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        return heldout_oracle_kl(policy, ref, tok, eval_prompts, seed=eval_seed,
+                                 samples_per_prompt=cfg.eval_samples_per_prompt,
+                                 max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+
+    loop = LoopConfig(steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
+                      weight_decay=0.0, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
+                      ckpt_every=cfg.ckpt_every, resume=resume, desc="ppo")  # fmt: skip
+    extra = stage_state(kind="policy", stage="ppo", model_config=to_dict(policy.config),
+                        tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
+    carried = {
+        "value_model": Carried(value_model.state_dict, value_model.load_state_dict),
+        "kl_coef": Carried(lambda: kl_ctl.value, lambda v: setattr(kl_ctl, "value", float(v))),
+    }
+    last = run_loop(
+        policy, optimizer, step_fn, loop=loop, ckpt_path=out_dir / "checkpoint.pt",
+        metrics_path=out_dir / "metrics.jsonl", checkpoint_extra=extra, eval_fn=eval_fn,
+        eval_at_start=True, carried=carried, stop_after=stop_after, progress=progress,
+        counters={"tokens/forward": "tokens_forward", "tokens/backward": "tokens_backward"},
+        postfix=("objective/scores", "objective/kl", "objective/oracle"),
+        snapshot_every=cfg.snapshot_every,
+    )  # fmt: skip
+    summary = ppo_summary(read_metrics(out_dir / "metrics.jsonl"), cfg, last, kl_ctl.value)
+    summary["device"] = str(device)
+    if last["steps_done"] == cfg.iterations:
+        atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def ppo_summary(
+    rows: list[dict[str, Any]], cfg: PPOConfig, last: dict[str, Any], kl_coef: float
+) -> dict[str, Any]:
+    """The summary of a PPO run from its metrics rows: held-out oracle reward and KL at
+    the start and the end, the last rollouts, tokens and the time per phase."""
     iters = [r for r in rows if r["step"] > 0]
     evals = [r for r in rows if "eval/oracle" in r]
-    summary = {
+    final = iters[-1] if iters else {}
+    return {
         "iterations": cfg.iterations,
-        "done_iterations": reached,
+        "done_iterations": last["steps_done"],
         "eval_oracle_start": evals[0]["eval/oracle"] if evals else None,
         "eval_kl_start": evals[0]["eval/kl"] if evals else None,
         "eval_oracle": evals[-1]["eval/oracle"] if evals else None,
         "eval_kl": evals[-1]["eval/kl"] if evals else None,
-        "rollout_oracle": iters[-1]["objective/oracle"] if iters else None,
-        "rollout_scores": iters[-1]["objective/scores"] if iters else None,
-        "rollout_kl": iters[-1]["objective/kl"] if iters else None,
-        "kl_coef": kl_ctl.value,
-        "wall_s": wall,
-        "tokens_forward": tokens_fwd,
-        "tokens_backward": tokens_bwd,
+        "rollout_oracle": final.get("objective/oracle"),
+        "rollout_scores": final.get("objective/scores"),
+        "rollout_kl": final.get("objective/kl"),
+        "kl_coef": kl_coef,
+        "wall_s": last["wall_s"],
+        "tokens_forward": final.get("tokens_forward", 0),
+        "tokens_backward": final.get("tokens_backward", 0),
         "time_per_iteration": {
             k: float(np.mean([r[k] for r in iters])) if iters else None
             for k in ("time/rollout", "time/scoring", "time/update")
         },
-        "device": str(device),
     }
-    if reached == cfg.iterations:
-        atomic_write_json(out_dir / "summary.json", summary)
-    return summary
 
 
 def ppo_iteration(
@@ -479,13 +396,13 @@ def ppo_iteration(
     seed: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """One PPO iteration (rollout, scoring, update); returns its metrics row (step it + 1)."""
+    """One PPO iteration (rollout, scoring, update): `run_loop`'s step; returns its metrics."""
     # --- rollout: prompts and sampling seeds depend on (seed, it) only
     t0 = time.perf_counter()
-    rng = np.random.default_rng([seed, 3, it])
+    rng = stream(seed, "ppo/prompts", it)
     B = cfg.rollout_batch
     chosen = [prompts[i] for i in rng.choice(len(prompts), size=B, replace=B > len(prompts))]
-    sample_seed = int(np.random.SeedSequence([seed, 4, it]).generate_state(1)[0])
+    sample_seed = seed_of(seed, "ppo/rollout", it)
     samples = sample_responses(
         policy, tok, chosen, seed=sample_seed, temperature=cfg.temperature,
         max_new_tokens=cfg.max_new_tokens,
@@ -511,7 +428,7 @@ def ppo_iteration(
     unterminated = torch.tensor([not s.terminated for s in samples])
     # lm-human-preferences; a learned reward only (run_ppo refuses it with the oracle)
     scores = scores - cfg.missing_eot_penalty * unterminated.float()
-    oracle = oracle_scores(samples)
+    oracle = oracle_scores(samples).float()
     scores = scores.to(device)
     t_scoring = time.perf_counter() - t0
 
@@ -534,7 +451,6 @@ def ppo_iteration(
 
     non_score = float((-beta * kl).sum(1).mean())
     return {
-        "step": it + 1,
         "objective/kl": mean_kl,
         "objective/scores": float(scores.mean()),
         "objective/non_score_reward": non_score,
@@ -567,7 +483,7 @@ def update(
 ) -> dict[str, float]:
     """`ppo_epochs` passes of shuffled minibatches; returns the averaged PPO statistics."""
     B = roll.input_ids.size(0)
-    rng = np.random.default_rng([seed, 5, it])
+    rng = stream(seed, "ppo/minibatches", it)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     acc: dict[str, list[float]] = {
         k: [] for k in ("approxkl", "clipfrac", "pg", "vf", "vf_clipfrac", "ratio")
@@ -604,3 +520,54 @@ def update(
         "val/clipfrac_avg": mean["vf_clipfrac"],
         "val/ratio": mean["ratio"],
     }
+
+
+def stage(
+    name: str = "ppo",
+    *,
+    reward: str = "rm",
+    kl_coef: Callable[[Context], float] | None = None,
+    seed: int | None = None,
+    folder: Callable[[Context], Path] | None = None,
+) -> Stage:
+    """The PPO stage against the reward model (``reward="rm"``, RLHF) or the oracle
+    (``"oracle"``, PPO-GT, which takes no missing-end-of-text penalty: r* charges its
+    own); `kl_coef`, `seed` and `folder` make PPO-GT's and the sweep's runs."""
+
+    def config(ctx: Context) -> PPOConfig:
+        over = {} if kl_coef is None else {"kl_coef": kl_coef(ctx)}
+        if reward == "oracle":
+            over["missing_eot_penalty"] = 0.0
+        return method_config(ctx, "ppo", over, "iterations")
+
+    def out(ctx: Context) -> Path:
+        return folder(ctx) if folder else ctx.paths.ppo_dir(reward, config(ctx).kl_coef)
+
+    def inputs(ctx: Context) -> list[Path]:
+        prompts = [ctx.inputs["prompts"]] if "prompts" in ctx.inputs else []
+        return [ctx.paths.sft, *([ctx.paths.rm] if reward == "rm" else []), *prompts]
+
+    def fn(ctx: Context, resume: bool) -> dict[str, Any]:
+        cfg = config(ctx)
+        score_fn: ScoreFn = oracle_scores
+        value_init = None
+        if reward == "rm":
+            rm = load_reward_model(ctx.paths.rm, ctx.device)
+            score_fn, value_init = rm.score, rm.model.state_dict()
+        prompts = None
+        if "prompts" in ctx.inputs:  # the oracle, logged along every run, knows the world's only
+            policy, tok = load_policy(ctx.paths.sft)
+            prompts = load_prompts(ctx.inputs["prompts"], tok, policy.config.block_size,
+                                   cfg.max_new_tokens, check=load_world().prompt)  # fmt: skip
+        s = run_ppo(sft_path=ctx.paths.sft, out_dir=out(ctx), cfg=cfg, score_fn=score_fn,
+                    seed=ctx.run.seed if seed is None else seed, device=ctx.device,
+                    value_init=value_init, prompts=prompts, resume=resume,
+                    progress=ctx.progress, flag_prefix="ppo-")  # fmt: skip
+        keep = ("eval_oracle_start", "eval_oracle", "eval_kl", "rollout_scores",
+                "rollout_oracle", "time_per_iteration", "tokens_forward", "tokens_backward",
+                "wall_s")  # fmt: skip
+        return {k: s.get(k) for k in keep}
+
+    return Stage(name, fn, ("ppo",), ("rm",) if reward == "rm" else ("sft",), inputs=inputs,
+                 outputs=lambda c: [out(c) / "checkpoint.pt"],
+                 extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed])  # fmt: skip

@@ -32,10 +32,16 @@ import numpy as np
 import torch
 
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
+from minidpo.batching import Batch, concatenated_batch
 from minidpo.config import PrefsConfig
 from minidpo.errors import MinidpoError
-from minidpo.oracle import oracle_reward
-from minidpo.policy import Sample
+from minidpo.policy import load_policy
+from minidpo.sampling import Sample, sample_responses
+from minidpo.scoring import oracle_scores
+from minidpo.seeds import seed_of, stream
+from minidpo.stage import Context, Stage
+from minidpo.tokenizer import Tokenizer
+from minidpo.world import format_prompt, load_world
 
 
 @dataclass(frozen=True)
@@ -111,11 +117,6 @@ def label_pairs(
     return pairs
 
 
-def score_samples(samples: Sequence[Sample]) -> list[float]:
-    """Oracle reward of each sample (unterminated samples are penalised by the oracle)."""
-    return [oracle_reward(s.prompt, s.response, terminated=s.terminated) for s in samples]
-
-
 def save_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
     """Write pairs as TRL-form JSONL, atomically."""
     return atomic_write_jsonl(path, (p.to_json() for p in pairs))
@@ -188,9 +189,6 @@ def build_preferences(
 ) -> dict:
     """Sample from the SFT policy and write train.jsonl (training prompts) and eval.jsonl
     (held-out prompts) under `out_dir`; returns a summary (pair counts, label noise)."""
-    from minidpo.policy import load_policy, sample_responses
-    from minidpo.world import load_world
-
     model, tok = load_policy(sft_path, device)
     world = load_world()
     summary: dict = {"config": asdict(cfg), "seed": seed}
@@ -200,16 +198,16 @@ def build_preferences(
             model,
             tok,
             prompts,
-            seed=seed * 1000 + 17 + k,
+            seed=seed_of(seed, "prefs/samples", k),
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
         )
-        rewards = score_samples(samples)
+        rewards = oracle_scores(samples, world).tolist()
         pairs = label_pairs(
             samples,
             rewards,
             tau=cfg.tau,
-            rng=np.random.default_rng([seed, 4, k]),
+            rng=stream(seed, "prefs/labels", k),
             max_pairs_per_prompt=cfg.max_pairs_per_prompt,
         )
         if not pairs:
@@ -224,3 +222,56 @@ def build_preferences(
         }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of N preference pairs (responses end with eot when they terminated)."""
+
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, idx: Sequence[int], pad_id: int) -> Batch:
+        """The concatenated [chosen; rejected] batch of the pairs at `idx` (2B rows)."""
+        return concatenated_batch(
+            [self.prompts[i] for i in idx],
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            pad_id=pad_id,
+        )
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], tok: Tokenizer, block_size: int, source: str
+) -> TokenizedPairs:
+    """Encode pairs; a pair longer than the model's context is an error naming it."""
+    prompts = tok.encode_batch([format_prompt(p.prompt) for p in pairs])
+    chosen = tok.encode_batch([p.chosen for p in pairs])
+    rejected = tok.encode_batch([p.rejected for p in pairs])
+    for i, p in enumerate(pairs):
+        if p.chosen_terminated:
+            chosen[i].append(tok.eot_id)
+        if p.rejected_terminated:
+            rejected[i].append(tok.eot_id)
+        longest = len(prompts[i]) + max(len(chosen[i]), len(rejected[i])) - 1
+        if longest > block_size:
+            raise MinidpoError(
+                f"{source}: pair {i + 1} needs {longest} tokens, the model's context is {block_size}"
+            )
+    return TokenizedPairs(prompts, chosen, rejected)
+
+
+def _prefs(ctx: Context, resume: bool) -> dict:
+    s = build_preferences(sft_path=ctx.paths.sft, out_dir=ctx.paths.prefs_dir,
+                          cfg=ctx.cfg["prefs"], seed=ctx.run.seed, device=ctx.device)  # fmt: skip
+    return {"train_pairs": s["train"]["pairs"], "eval_pairs": s["eval"]["pairs"],
+            "label_agreement": s["train"]["label_agreement"]}  # fmt: skip
+
+
+PREFS_STAGE = Stage("prefs", _prefs, ("prefs",), ("sft",), inputs=lambda c: [c.paths.sft],
+                    outputs=lambda c: [c.paths.prefs_dir / "train.jsonl",
+                                       c.paths.prefs_dir / "eval.jsonl"])  # fmt: skip

@@ -24,6 +24,7 @@ import numpy as np
 from minidpo.atomic import atomic_write_text
 from minidpo.evaluate import mean_se
 from minidpo.plots import figure, save_png
+from minidpo.stage import Context, Stage
 from minidpo.training import read_metrics
 
 METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT"]
@@ -396,10 +397,8 @@ def write_report(folder: str | Path) -> Path:
     results = load_results(folder)
     final = results["final"]
     spp = results["samples_per_prompt"]
-    from minidpo.pipeline import STAGE_NAMES
-
     stamps = _stamps(folder)
-    total = sum(stamps[n]["cost"]["wall_s"] for n in STAGE_NAMES if n in stamps)
+    total = sum(s["cost"]["wall_s"] for n, s in stamps.items() if not n.startswith("sweep-"))
     sweep_timing = folder / "sweep" / "timing.json"
     _, source = frontier_points(folder)
     L = [f"# minidpo report: {folder.name}", ""]
@@ -456,3 +455,18 @@ def summary_text(folder: str | Path) -> str:
         rows.append(f"{m:<14} {reward:>16} {_fmt(r.get('kl_mean'), '.2f'):>7} "
                     f"{_fmt(r.get('win_rate_vs_ref'), '.1%'):>10}")  # fmt: skip
     return "\n".join([*rows, "", conclusion(folder), f"report: {folder / 'report.md'}"])
+
+
+def _plots(ctx: Context, resume: bool) -> dict[str, Any]:
+    return {"plots": [str(p.relative_to(ctx.folder)) for p in make_plots(ctx.folder)]}
+
+
+def _report(ctx: Context, resume: bool) -> dict[str, Any]:
+    return {"report": str(write_report(ctx.folder).relative_to(ctx.folder))}
+
+
+PLOTS_STAGE = Stage("plots", _plots, (), ("eval",), inputs=lambda c: [c.paths.results],
+                    outputs=lambda c: sorted(c.paths.plots_dir.glob("*.png")))  # fmt: skip
+REPORT_STAGE = Stage("report", _report, (), ("eval", "plots"),
+                     inputs=lambda c: [c.paths.results, *sorted(c.paths.plots_dir.glob("*.png"))],
+                     outputs=lambda c: [c.paths.report])  # fmt: skip

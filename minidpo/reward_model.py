@@ -44,7 +44,7 @@ and re-normalising against the PPO policy's own samples during RL.
 
 from __future__ import annotations
 
-import json
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,22 +57,19 @@ import torch.nn.functional as F
 
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
+from minidpo.checkpoints import load_checkpoint, provenance, save_checkpoint, stage_state
 from minidpo.config import _f, to_dict
-from minidpo.dpo import TokenizedPairs, tokenize_pairs
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.oracle import oracle_reward
-from minidpo.policy import Sample, build_policy, encode_prompt, sample_responses
-from minidpo.preferences import PreferencePair, load_pairs
+from minidpo.policy import load_policy
+from minidpo.preferences import PreferencePair, TokenizedPairs, load_pairs, tokenize_pairs
+from minidpo.sampling import Sample, encode_prompt, sample_responses
+from minidpo.scoring import oracle_scores
+from minidpo.seeds import seed_of, stream
+from minidpo.stage import Context, Stage, training_summary
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import (
-    LoopConfig,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-    stage_status,
-    train,
-)
+from minidpo.training import LoopConfig, train
 from minidpo.world import World, format_prompt, load_world
 
 
@@ -367,11 +364,6 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> R
     return RewardModel(model.to(device), tok, gain, bias, ckpt.get("pooling", "last"))
 
 
-def _seed(seed: int, tag: int) -> int:
-    """A sampling seed derived from the run seed and a per-use tag."""
-    return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
-
-
 def reward_model_report(
     rm: RewardModel,
     policy: GPT,
@@ -404,7 +396,7 @@ def reward_model_report(
     samples = sample_responses(
         policy, rm.tok, expanded, seed=seed, temperature=1.0, max_new_tokens=max_new_tokens
     )
-    oracle = [oracle_reward(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    oracle = oracle_scores(samples).tolist()
     accuracy = float((rc > rr).float().mean())
     ceiling = oracle_pair_agreement(eval_pairs)
     return {
@@ -420,6 +412,16 @@ def reward_model_report(
 # --------------------------------------------------------------------------- the stage
 
 
+def check_config(cfg: RewardModelConfig) -> None:
+    """Raise MinidpoError naming the flag of the first bad value."""
+    if cfg.n_norm_samples < 2:
+        raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
+    if cfg.pooling not in POOLINGS:
+        raise MinidpoError(f"--pooling: {cfg.pooling!r} is not one of {', '.join(POOLINGS)}")
+    if cfg.center_coef < 0:
+        raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
+
+
 def run_reward_model(
     *,
     sft_path: Path,
@@ -429,40 +431,62 @@ def run_reward_model(
     cfg: RewardModelConfig,
     seed: int,
     device: torch.device,
+    resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
-    force: bool = False,
 ) -> dict[str, Any]:
     """Train, normalise and report on a reward model initialised from SFT; returns its summary.
 
-    Skipped when `out_dir` holds a finished run of the same configuration, SFT
-    checkpoint and pairs; an unfinished one is resumed (a run killed after training
-    but before normalising resumes straight into the normalisation); `force` starts
-    afresh. With `eval_pairs`, the weights kept are those of the evaluation with the
-    best held-out accuracy (``best_step`` in the summary); without, the last ones.
+    `resume` continues from the checkpoint in `out_dir` (a run killed after training but
+    before normalising resumes straight into the normalisation). With `eval_pairs`, the
+    weights kept are those of the evaluation with the best held-out accuracy
+    (``best_step`` in the summary); without, the last ones.
     """
-    if cfg.n_norm_samples < 2:
-        raise MinidpoError(f"--n-norm-samples: must be >= 2, got {cfg.n_norm_samples}")
-    if cfg.pooling not in POOLINGS:
-        raise MinidpoError(f"--pooling: {cfg.pooling!r} is not one of {', '.join(POOLINGS)}")
-    if cfg.center_coef < 0:
-        raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
-    stage_config = {
-        "reward_model": to_dict(cfg),
-        "seed": seed,
-        "sft_sha256": file_sha256(sft_path),
-        "pairs_sha256": file_sha256(train_pairs),
-    }
+    check_config(cfg)
+    t0 = time.perf_counter()
+    policy, tok = load_policy(sft_path)
+    last, model, eval_list, n_train = train_reward_model(
+        policy, tok, train_pairs=train_pairs, eval_pairs=eval_pairs, out_dir=out_dir, cfg=cfg,
+        seed=seed, device=device, resume=resume, progress=progress, stop_after=stop_after,
+        provenance_=provenance("reward_model", cfg, seed, sft=sft_path, pairs=train_pairs),
+    )  # fmt: skip
     ckpt_path = out_dir / "checkpoint.pt"
-    status = stage_status(ckpt_path, stage_config, force=force)
-    if status == "done" and (out_dir / "summary.json").exists():
-        return json.loads((out_dir / "summary.json").read_text())
-    sft = load_checkpoint(sft_path, kind="policy")
-    body, tok = build_policy(sft)
+    ckpt = load_checkpoint(ckpt_path, kind="reward_model")
+    if not ckpt["done"]:
+        return {**last, "done": False}
+    policy = policy.to(device)
+    model.load_state_dict(ckpt["model"])
+    rm, raw = normalise(model, tok, policy, ckpt_path, ckpt, cfg, seed)
+    summary: dict[str, Any] = {
+        **last,
+        "best_step": ckpt.get("best_step"),  # None without held-out pairs: the last weights
+        "best_value": ckpt.get("best_value"),
+        "done": True,
+        "normalization": {"gain": rm.gain, "bias": rm.bias, "raw_mean": float(raw.mean())},
+        "n_train_pairs": n_train,
+    }
+    if eval_list is not None and cfg.report_samples_per_prompt > 0:
+        summary["report"] = reward_model_report(
+            rm, policy, eval_pairs=eval_list,
+            prompts=[p.text for p in load_world().prompts("eval")],
+            samples_per_prompt=cfg.report_samples_per_prompt,
+            seed=seed_of(seed, "rm/report"), max_new_tokens=cfg.max_new_tokens,
+        )  # fmt: skip
+    summary["wall_s_total"] = time.perf_counter() - t0
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def train_reward_model(
+    body: GPT, tok: Tokenizer, *, train_pairs: Path, eval_pairs: Path | None, out_dir: Path,
+    cfg: RewardModelConfig, seed: int, device: torch.device, resume: bool, progress: bool,
+    stop_after: int | None, provenance_: dict[str, Any],
+) -> tuple[dict[str, Any], ScalarHeadModel, list[PreferencePair] | None, int]:
+    """The Bradley-Terry training of `run_reward_model` (a copy of `body` + a scalar head);
+    returns the loop's last row, the model, the held-out pairs and the training pair count."""  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    model = ScalarHeadModel(body, generator=gen).to(device)
-    block = model.config.block_size
-    pad = tok.eot_id
+    model = ScalarHeadModel(copy.deepcopy(body), generator=gen).to(device)
+    block, pad = model.config.block_size, tok.eot_id
 
     def prepare(path: Path) -> tuple[TokenizedPairs, torch.Tensor | None, list[PreferencePair]]:
         pairs = load_pairs(path)[0]
@@ -471,11 +495,10 @@ def run_reward_model(
         return data, (pair_margins(pairs, str(path)) if cfg.margin else None), pairs
 
     train_data, train_margin, _ = prepare(train_pairs)
-    if eval_pairs is not None:
-        eval_data, eval_margin, eval_list = prepare(eval_pairs)
+    eval_data, eval_margin, eval_list = prepare(eval_pairs) if eval_pairs else (None, None, None)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
-        rng = np.random.default_rng([seed, 4, step])
+        rng = stream(seed, "rm/batch", step)
         idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
         return train_data.batch(idx, pad).to(device), torch.as_tensor(idx)
 
@@ -490,78 +513,59 @@ def run_reward_model(
         return losses.mean(), {**pair_metrics(losses, rc, rr), "tokens": batch.n_tokens}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        all_l, all_c, all_r = [], [], []
+        parts = []
         for s in range(0, len(eval_data), 64):
             idx = list(range(s, min(s + 64, len(eval_data))))
             mg = None if eval_margin is None else eval_margin[idx]
-            losses, rc, rr = losses_of(m, eval_data.batch(idx, pad).to(device), mg)
-            all_l.append(losses)
-            all_c.append(rc)
-            all_r.append(rr)
-        return pair_metrics(torch.cat(all_l), torch.cat(all_c), torch.cat(all_r))
+            parts.append(losses_of(m, eval_data.batch(idx, pad).to(device), mg))
+        return pair_metrics(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
-    loop = LoopConfig.from_config(cfg, desc="reward model", resume=status != "fresh")
-    t0 = time.perf_counter()
+    extra = stage_state(kind="reward_model", stage="reward_model",
+                        model_config=to_dict(body.config), tokenizer=tok.to_dict(),
+                        config=provenance_)  # fmt: skip
     last = train(
-        model,
-        loop=loop,
-        get_batch=get_batch,
-        loss_fn=loss_fn,
-        ckpt_path=ckpt_path,
+        model, loop=LoopConfig.from_config(cfg, desc="reward model", resume=resume),
+        get_batch=get_batch, loss_fn=loss_fn, ckpt_path=out_dir / "checkpoint.pt",
         metrics_path=out_dir / "metrics.jsonl",
-        checkpoint_extra={
-            "kind": "reward_model",
-            "stage": "reward_model",
-            "model_config": sft["model_config"],
-            "tokenizer": tok.to_dict(),
-            "stage_config": stage_config,
-            "normalization": None,
-            "pooling": cfg.pooling,
-        },
-        eval_fn=eval_fn if eval_pairs is not None else None,
-        stop_after=stop_after,
-        progress=progress,
-        keep_best="accuracy" if eval_pairs is not None else None,
-    )
-    ckpt = load_checkpoint(ckpt_path, kind="reward_model")
-    if not ckpt["done"]:
-        return {**last, "done": False}
+        checkpoint_extra={**extra, "normalization": None, "pooling": cfg.pooling},
+        eval_fn=eval_fn if eval_data is not None else None, stop_after=stop_after,
+        progress=progress, keep_best="accuracy" if eval_data is not None else None,
+    )  # fmt: skip
+    return last, model, eval_list, len(train_data)
 
-    # Normalise on SFT samples of the training prompts (lm-human-preferences).
-    policy, _ = build_policy(sft)
-    policy = policy.to(device)
-    world = load_world()
-    train_prompts = [p.text for p in world.prompts("train")]
+
+def normalise(
+    model: ScalarHeadModel, tok: Tokenizer, policy: GPT, ckpt_path: Path, ckpt: dict[str, Any],
+    cfg: RewardModelConfig, seed: int,
+) -> tuple[RewardModel, torch.Tensor]:
+    """Gain and bias so the reward has mean 0 and std 1 on SFT samples of the training
+    prompts (lm-human-preferences), written into the checkpoint; returns the normalised
+    reward model and the raw scores (float64)."""  # fmt: skip
+    train_prompts = [p.text for p in load_world().prompts("train")]
     norm_prompts = [train_prompts[i % len(train_prompts)] for i in range(cfg.n_norm_samples)]
-    norm_samples = sample_responses(
-        policy, tok, norm_prompts, seed=_seed(seed, 5), max_new_tokens=cfg.max_new_tokens
-    )
-    model.load_state_dict(ckpt["model"])
+    norm_samples = sample_responses(policy, tok, norm_prompts,
+                                    seed=seed_of(seed, "rm/normalisation"),
+                                    max_new_tokens=cfg.max_new_tokens)  # fmt: skip
     rm = RewardModel(model, tok, 1.0, 0.0, cfg.pooling)
-    raw = rm.score(norm_samples)  # (n_norm_samples,)
-    gain, bias = normalization(raw.double().numpy())
-    ckpt["normalization"] = {"gain": gain, "bias": bias}
+    raw = rm.score(norm_samples).double()  # (n_norm_samples,)
+    rm.gain, rm.bias = normalization(raw.numpy())
+    ckpt["normalization"] = {"gain": rm.gain, "bias": rm.bias}
     save_checkpoint(ckpt_path, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
-    rm.gain, rm.bias = gain, bias
+    return rm, raw
 
-    summary: dict[str, Any] = {
-        **last,
-        "best_step": ckpt.get("best_step"),  # None without held-out pairs: the last weights
-        "best_value": ckpt.get("best_value"),
-        "done": True,
-        "normalization": {"gain": gain, "bias": bias, "raw_mean": float(raw.double().mean())},
-        "n_train_pairs": len(train_data),
-    }
-    if eval_pairs is not None and cfg.report_samples_per_prompt > 0:
-        summary["report"] = reward_model_report(
-            rm,
-            policy,
-            eval_pairs=eval_list,
-            prompts=[p.text for p in world.prompts("eval")],
-            samples_per_prompt=cfg.report_samples_per_prompt,
-            seed=_seed(seed, 6),
-            max_new_tokens=cfg.max_new_tokens,
-        )
-    summary["wall_s_total"] = time.perf_counter() - t0
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+
+def _reward_model(ctx: Context, resume: bool) -> dict[str, Any]:
+    held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+    s = run_reward_model(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
+                         eval_pairs=held_out, out_dir=ctx.paths.rm_dir, cfg=ctx.cfg["rm"],
+                         seed=ctx.run.seed, device=ctx.device, resume=resume,
+                         progress=ctx.progress)  # fmt: skip
+    rep = s.get("report") or {}
+    keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "spearman")
+    return {**{k: rep.get(k) for k in keep}, "best_step": s.get("best_step"),
+            **training_summary(s)}  # fmt: skip
+
+
+RM_STAGE = Stage("rm", _reward_model, ("rm",), ("sft", "prefs"),
+                 inputs=lambda c: [c.paths.sft, *c.pairs],
+                 outputs=lambda c: [c.paths.rm_dir / "checkpoint.pt"])  # fmt: skip

@@ -15,28 +15,31 @@ Outputs under runs/<name>/:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
+from minidpo.checkpoints import stage_state
 from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig
+from minidpo.paths import RunPaths
+from minidpo.seeds import stream
+from minidpo.stage import Context, Stage
 from minidpo.tokenizer import Tokenizer, coverage_problem, train_bpe
-from minidpo.training import LoopConfig, resolve_device, stage_status, train
+from minidpo.training import LoopConfig, resolve_device, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
 
 
-def run_dir(run: RunConfig) -> Path:
-    """runs/<name>/"""
-    return Path(run.runs_dir) / run.name
+def run_paths(run: RunConfig) -> RunPaths:
+    """The paths of the run folder runs/<name>/."""
+    return RunPaths(Path(run.runs_dir) / run.name)
 
 
 # Every word of the world in at most this many tokens (the cpu preset's 1856 tokens is the
@@ -70,7 +73,7 @@ def prepare_tokenizer(run: RunConfig, cfg: TokenizerConfig, world: World) -> Tok
     the same tokenizer and refused otherwise (unreadable, another version, other merges),
     left as found, unless `run.force`."""
     tok = world_tokenizer(cfg, world)
-    path = run_dir(run) / "tokenizer.json"
+    path = run_paths(run).tokenizer
     if path.exists() and not run.force:
         if Tokenizer.load(path).merges != tok.merges:
             raise MinidpoError(
@@ -102,7 +105,7 @@ def tokenize_demos(tok: Tokenizer, demos: list) -> tuple[list[list[int]], list[l
 def demonstrations(world: World, cfg: SFTConfig, seed: int) -> tuple[list, list]:
     """The SFT data of a run: (training, held-out) demonstrations, drawn from one
     generator seeded by (seed, 1), training prompts first."""
-    rng = np.random.default_rng([seed, 1])
+    rng = stream(seed, "sft/demonstrations")
     train = sample_demonstrations(world, cfg.n_demos, rng)
     return train, sample_demonstrations(world, cfg.n_eval_demos, rng, split="eval")
 
@@ -113,22 +116,18 @@ def run_sft(
     model_cfg: ModelConfig,
     cfg: SFTConfig,
     *,
+    resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or skip, if done with the same config) the SFT policy; returns its summary."""
-    out = run_dir(run) / "sft"
-    ckpt_path = out / "checkpoint.pt"
+    """Train the SFT policy (`resume`: continue from its checkpoint); returns its summary."""
+    out = run_paths(run).sft_dir
     stage_config = {
         "tokenizer": to_dict(tok_cfg),
         "model": to_dict(model_cfg),
         "sft": to_dict(cfg),
         "seed": run.seed,
     }
-    status = stage_status(ckpt_path, stage_config, force=run.force)
-    if status == "done":
-        return load_summary(out)
-
     device = resolve_device(run.device)
     world = load_world()
     tok = prepare_tokenizer(run, tok_cfg, world)
@@ -146,7 +145,7 @@ def run_sft(
         )
 
     def get_batch(step: int) -> Batch:
-        rng = np.random.default_rng([run.seed, 2, step])  # the batch depends on (seed, step) only
+        rng = stream(run.seed, "sft/batch", step)  # the batch depends on (seed, step) only
         idx = rng.integers(0, len(train_p), cfg.batch_size)
         return build_batch(
             [train_p[i] for i in idx],
@@ -168,22 +167,17 @@ def run_sft(
             count += n
         return {"loss": total / count}
 
-    loop = LoopConfig.from_config(cfg, desc="sft", resume=status == "resume")
+    loop = LoopConfig.from_config(cfg, desc="sft", resume=resume)
     t0 = time.perf_counter()
     last = train(
         model,
         loop=loop,
         get_batch=get_batch,
         loss_fn=loss_fn,
-        ckpt_path=ckpt_path,
+        ckpt_path=out / "checkpoint.pt",
         metrics_path=out / "metrics.jsonl",
-        checkpoint_extra={
-            "kind": "policy",
-            "stage": "sft",
-            "model_config": to_dict(gpt_cfg),
-            "tokenizer": tok.to_dict(),
-            "stage_config": stage_config,
-        },
+        checkpoint_extra=stage_state(kind="policy", stage="sft", model_config=to_dict(gpt_cfg),
+                                     tokenizer=tok.to_dict(), config=stage_config),
         eval_fn=eval_fn,
         stop_after=stop_after,
         progress=progress,
@@ -202,7 +196,21 @@ def run_sft(
     return summary
 
 
-def load_summary(out: Path) -> dict[str, Any]:
-    """The summary.json a finished SFT run wrote (empty if it wrote none)."""
-    path = out / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def _tokenizer(ctx: Context, resume: bool) -> dict[str, Any]:
+    tok = prepare_tokenizer(dataclasses.replace(ctx.run, force=True), ctx.cfg["tokenizer"],
+                            load_world())  # fmt: skip
+    return {"vocab_size": tok.vocab_size}
+
+
+def _sft(ctx: Context, resume: bool) -> dict[str, Any]:
+    c = ctx.cfg
+    s = run_sft(ctx.run, c["tokenizer"], c["model"], c["sft"], resume=resume,
+                progress=ctx.progress)  # fmt: skip
+    return {k: s[k] for k in ("steps", "train_loss", "eval_loss", "wall_s") if k in s}
+
+
+TOKENIZER_STAGE = Stage("tokenizer", _tokenizer, ("tokenizer",), (), inputs=lambda c: [],
+                        outputs=lambda c: [c.paths.tokenizer])  # fmt: skip
+SFT_STAGE = Stage("sft", _sft, ("tokenizer", "model", "sft"), ("tokenizer",),
+                  inputs=lambda c: [c.paths.tokenizer],
+                  outputs=lambda c: [c.paths.sft_dir / "checkpoint.pt"])  # fmt: skip

@@ -1,15 +1,18 @@
-"""The training-loop pieces every stage shares: optimizer, schedule, checkpoints, metrics.
+"""The training loop every trainer shares: optimizer, schedule, checkpoints, metrics, resume.
 
-SFT, DPO and the reward model all train the same way: AdamW (weight decay on
-matrices only), linear warmup then cosine decay, global gradient-norm clipping,
-a held-out evaluation every few steps, metrics appended to a JSONL file, a tqdm
-progress bar, and checkpoints written atomically so a killed run resumes where it
-left off. `train` runs that loop; the stage supplies only a `loss_fn` and a
+`run_loop` is the loop: a step function, a held-out evaluation every few steps,
+metrics appended to a JSONL file, a progress bar, snapshots for the frontier, and
+checkpoints written atomically so a killed run resumes where it left off. PPO hands
+it its iteration (rollout, score, update) as the step. The supervised trainers (SFT,
+DPO, the reward model, Preferred-FT) use `train`, which adds the step they share
+(`gradient_step`): AdamW with weight decay on matrices only, linear warmup then cosine
+decay, global gradient-norm clipping. The stage supplies only a `loss_fn` and a
 deterministic `get_batch(step)`. Because the batch of step s depends on (seed, s)
 alone, a run stopped after k steps and resumed ends with the same weights as one
 that was never stopped. With `keep_best`, the run ends with the weights of its best
 evaluation instead of its last (early stopping by checkpoint selection, as reward
-models are usually trained), and that choice resumes exactly too.
+models are usually trained), and that choice resumes exactly too. Whether a run
+resumes is not decided here but by the stage layer (`minidpo.stage`).
 
 Left out: gradient accumulation, mixed precision, distributed training; the
 models here are small enough not to need them.
@@ -17,12 +20,11 @@ models here are small enough not to need them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from minidpo.atomic import atomic_torch_save, atomic_write_text
+from minidpo.atomic import atomic_write_text
+from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
-
-CHECKPOINT_FORMAT = "minidpo-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,39 +76,6 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically, stamped with its format and version."""
-    return atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path
-    )
-
-
-def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`, or raise one clear MinidpoError.
-
-    `kind` ("policy", "reward_model", ...) is checked when given, so a reward model
-    handed to a stage that wants a policy is refused by name.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MinidpoError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise MinidpoError(f"{path}: corrupt or not a checkpoint ({msg})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MinidpoError(f"{path}: not a minidpo checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise MinidpoError(
-            f"{path}: checkpoint version {ckpt.get('version')!r}, "
-            f"this minidpo reads version {CHECKPOINT_VERSION}"
-        )
-    if kind is not None and ckpt.get("kind") != kind:
-        raise MinidpoError(f"{path}: holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
-    return ckpt
-
-
 class MetricsLog:
     """Metrics as JSON lines, one object per logged step: ``{"step": 10, "train/loss": ...}``.
 
@@ -121,8 +88,8 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = read_metrics(self.path) if resume_step > 0 and self.path.exists() else []
-        kept = [r for r in rows if r["step"] <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.rows = [r for r in rows if r["step"] <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -166,6 +133,46 @@ class LoopConfig:
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+StepFn = Callable[[int], dict[str, Any]]  # step -> its metrics row (without "step")
+
+
+@dataclass
+class Carried:
+    """State beyond model and optimizer that a checkpoint carries and a resume restores
+    (PPO's value model and KL coefficient): how to read it, and how to put it back."""
+
+    save: Callable[[], Any]
+    load: Callable[[Any], None]
+
+
+def gradient_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop: LoopConfig,
+    get_batch: Callable[[int], Any],
+    loss_fn: LossFn,
+) -> StepFn:
+    """The step of every supervised trainer: the scheduled learning rate, the loss of
+    the step's batch, backward, global gradient-norm clipping, one AdamW step."""
+
+    def step_fn(step: int) -> dict[str, Any]:
+        lr = lr_at(step, lr=loop.lr, warmup_steps=loop.warmup_steps, max_steps=loop.steps,
+                   min_lr_ratio=loop.min_lr_ratio)  # fmt: skip
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss, metrics = loss_fn(model, get_batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = loop.grad_clip if loop.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        row: dict[str, Any] = {"lr": lr, "grad_norm": float(grad_norm)}
+        row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})
+        row["tokens"] = int(metrics.get("tokens", 0))
+        return row
+
+    return step_fn
 
 
 def train(
@@ -174,136 +181,168 @@ def train(
     loop: LoopConfig,
     get_batch: Callable[[int], Any],
     loss_fn: LossFn,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """A supervised trainer's loop: AdamW (`make_optimizer`) stepped by `gradient_step`
+    inside `run_loop` (whose keyword arguments pass through).
+
+    `get_batch(step)` must be a pure function of the step (seeded per step), and
+    `loss_fn(model, batch)` returns the scalar loss and a dict of floats to log
+    (``tokens`` counts the tokens the step processed, for tokens/s).
+    """
+    optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
+    step_fn = gradient_step(model, optimizer, loop, get_batch, loss_fn)
+    return run_loop(model, optimizer, step_fn, loop=loop, **kwargs)
+
+
+class _LoopState:
+    """What `run_loop` carries from step to step and across a resume: the step reached,
+    the counters, the best evaluation so far; and how it evaluates and checkpoints."""
+
+    def __init__(self, model, optimizer, loop, ckpt_path, extra, eval_fn, carried, counters,
+                 keep_best) -> None:  # fmt: skip
+        if keep_best is not None and eval_fn is None:
+            raise ValueError("train: keep_best needs an eval_fn to choose by")
+        self.model, self.optimizer, self.ckpt_path, self.extra = model, optimizer, ckpt_path, extra
+        self.eval_fn, self.carried, self.keep_best = eval_fn, carried, keep_best
+        self.best_metric = None if keep_best is None else f"eval/{keep_best}"
+        self.start, self.elapsed_before = 0, 0.0
+        self.totals = {name: 0 for name in counters.values()}
+        self.best: BestWeights | None = None
+        if loop.resume and ckpt_path.exists():
+            self._restore()
+        else:
+            shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
+        self.t0 = time.perf_counter()
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for name, c in self.carried.items():
+            c.load(ckpt[name])
+        self.start, self.elapsed_before = int(ckpt["step"]), float(ckpt.get("elapsed_s", 0.0))
+        self.totals = {name: int(ckpt.get(name, 0)) for name in self.totals}
+        if self.best_metric is not None and ckpt.get("best_metric") == self.best_metric:
+            weights = ckpt["model"] if ckpt.get("done") else ckpt.get("best_model")
+            if weights is not None:
+                self.best = BestWeights(int(ckpt["best_step"]), float(ckpt["best_value"]), weights)
+
+    def elapsed(self) -> float:
+        """Training seconds so far, this run and the runs it resumes."""
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def evaluate(self, row: dict[str, Any], step: int) -> None:
+        """Add ``eval/<k>`` and ``time/eval`` to `row`; keep the weights if they are best."""
+        t_eval = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            row.update({f"eval/{k}": v for k, v in self.eval_fn(self.model).items()})
+        row["time/eval"] = time.perf_counter() - t_eval
+        if self.best_metric is not None:
+            if self.best_metric not in row:
+                raise ValueError(
+                    f"train: keep_best {self.keep_best!r} is not a key eval_fn returns"
+                )
+            value = float(row[self.best_metric])
+            if improves(value, None if self.best is None else self.best.value):
+                self.best = BestWeights(step, value, copy_state(self.model))
+
+    def checkpoint(self, step: int, finished: bool) -> None:
+        state = {
+            **self.extra,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": step,
+            "done": finished,
+            **self.totals,
+            "elapsed_s": self.elapsed(),
+            **{name: c.save() for name, c in self.carried.items()},
+        }
+        if self.best is not None:
+            best = self.best
+            state.update(best_metric=self.best_metric, best_step=best.step, best_value=best.value)
+            state["model" if finished else "best_model"] = best.model  # finished: the chosen
+        save_checkpoint(self.ckpt_path, state)
+
+
+def run_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step_fn: StepFn,
+    *,
+    loop: LoopConfig,
     ckpt_path: str | Path,
     metrics_path: str | Path,
     checkpoint_extra: dict[str, Any],
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    eval_at_start: bool = False,
+    carried: dict[str, Carried] | None = None,
+    counters: dict[str, str] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    postfix: Sequence[str] = ("train/loss",),
     snapshot_every: int = 0,
     keep_best: str | None = None,
 ) -> dict[str, Any]:
-    """Run the shared loop; returns the last logged metrics (+ wall_s, tokens_per_s, best_*).
+    """The loop every trainer shares; returns the last row (+ wall_s, tokens_per_s, best_*).
 
-    `get_batch(step)` must be a pure function of the step (seeded per step), and
-    `loss_fn(model, batch)` returns the scalar loss and a dict of floats to log
-    (``tokens`` counts the tokens the step processed, for tokens/s). The
-    checkpoint holds model, optimizer, step and `checkpoint_extra` (config,
-    tokenizer, ...); it is rewritten every `ckpt_every` steps and at the end with
-    ``done=True``. `stop_after` ends the loop early (as if killed) after that many
-    steps, for the resume tests. `snapshot_every` > 0 also saves the weights every that
-    many steps to ``snapshots/step-NNNNNN.pt`` beside the checkpoint (a loadable
-    checkpoint without the optimizer), for evaluating the policy along training.
-    Each row logs ``tokens`` (cumulative tokens through forward and backward) and
-    ``time/elapsed`` (cumulative training seconds, carried across a resume).
+    `step_fn(step)` takes one optimisation step (0-based) and returns its metrics row;
+    every `loop.eval_every` steps (and at the last) ``eval/<k>`` of `eval_fn` is added;
+    `eval_at_start` logs a row ``{"step": 0, eval/...}`` first. `counters` maps a per-step
+    key to a cumulative one (default ``tokens`` to ``tokens``), logged and checkpointed.
+    The checkpoint (model, optimizer, step, counters, `checkpoint_extra`, each `carried`
+    state) is rewritten every `ckpt_every` steps and at the end with ``done=True``; with
+    ``loop.resume`` a run continues from it. `stop_after` ends the loop (as if killed)
+    after that many steps. `snapshot_every` > 0 saves the weights to
+    ``snapshots/step-NNNNNN.pt`` (the frontier's points). Rows log ``time/elapsed``.
 
-    `keep_best` names a key of `eval_fn`'s dict (``"accuracy"``) to maximise: the
-    weights of the best evaluation (ties: the earliest; NaN loses) are kept, and
-    the final checkpoint (``done=True``) holds THOSE as ``model`` (its optimizer is
-    the last step's). Until then the checkpoint holds the current weights and
-    optimizer plus ``best_model``, so a resumed run chooses exactly as an
-    uninterrupted one. Checkpoint and returned dict record ``best_metric``
-    (``"eval/accuracy"``), ``best_step`` and ``best_value``.
+    `keep_best` names a key of `eval_fn`'s dict (``"accuracy"``) to maximise: the final
+    checkpoint holds the weights of the best evaluation (ties: the earliest; NaN loses),
+    with the last step's optimizer; until then it holds the current weights plus
+    ``best_model``, so a resumed run chooses exactly as an uninterrupted one. Checkpoint
+    and returned dict record ``best_metric`` (``"eval/accuracy"``), ``best_step``, ``best_value``.
     """
-    if keep_best is not None and eval_fn is None:
-        raise ValueError("train: keep_best needs an eval_fn to choose by")
-    ckpt_path = Path(ckpt_path)
-    optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
-    start, tokens_before, elapsed_before = 0, 0, 0.0
-    best: BestWeights | None = None
-    best_metric = None if keep_best is None else f"eval/{keep_best}"
-    if loop.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["step"])
-        tokens_before = int(ckpt.get("tokens", 0))
-        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        if best_metric is not None and ckpt.get("best_metric") == best_metric:
-            weights = ckpt["model"] if ckpt.get("done") else ckpt.get("best_model")
-            if weights is not None:
-                best = BestWeights(int(ckpt["best_step"]), float(ckpt["best_value"]), weights)
-    log = MetricsLog(metrics_path, resume_step=start)
-    if start == 0:
-        shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
-
-    def checkpoint(step: int, done: bool) -> None:
-        state = {
-            **checkpoint_extra,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "done": done,
-            "tokens": tokens_before + tokens,
-            "elapsed_s": elapsed_before + time.perf_counter() - t0,
-        }
-        if best is not None:
-            state.update(best_metric=best_metric, best_step=best.step, best_value=best.value)
-            state["model" if done else "best_model"] = best.model  # done: the chosen weights
-        save_checkpoint(ckpt_path, state)
-
-    last: dict[str, float] = {}
-    reached = start
-    bar = tqdm(range(start, loop.steps), desc=loop.desc, disable=not progress, leave=False)
-    t0, tokens = time.perf_counter(), 0
+    counters = {"tokens": "tokens"} if counters is None else counters
+    state = _LoopState(model, optimizer, loop, Path(ckpt_path), checkpoint_extra, eval_fn,
+                       carried or {}, counters, keep_best)  # fmt: skip
+    log = MetricsLog(metrics_path, resume_step=state.start)
+    if eval_at_start and state.start == 0 and eval_fn is not None:
+        first: dict[str, Any] = {"step": 0}
+        state.evaluate(first, 0)
+        log.log({k: v for k, v in first.items() if k != "time/eval"})
+    last: dict[str, Any] = dict(log.rows[-1]) if log.rows else {}
+    reached, ran = state.start, 0
+    bar = tqdm(range(state.start, loop.steps), desc=loop.desc, disable=not progress, leave=False)
     for step in bar:
-        lr = lr_at(
-            step,
-            lr=loop.lr,
-            warmup_steps=loop.warmup_steps,
-            max_steps=loop.steps,
-            min_lr_ratio=loop.min_lr_ratio,
-        )
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        model.train()
-        loss, metrics = loss_fn(model, get_batch(step))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), loop.grad_clip if loop.grad_clip > 0 else float("inf")
-        )
-        optimizer.step()
-        tokens += int(metrics.get("tokens", 0))
-        done_steps = reached = step + 1
-        row = {"step": done_steps, "lr": lr, "grad_norm": float(grad_norm)}
-        row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})
-        if eval_fn is not None and (done_steps % loop.eval_every == 0 or done_steps == loop.steps):
-            model.eval()
-            with torch.no_grad():
-                row.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
-            if best_metric is not None:
-                if best_metric not in row:
-                    raise ValueError(f"train: keep_best {keep_best!r} is not a key eval_fn returns")
-                value = float(row[best_metric])
-                if improves(value, None if best is None else best.value):
-                    best = BestWeights(done_steps, value, copy_state(model))
-        row["tokens"] = tokens_before + tokens
-        row["time/elapsed"] = elapsed_before + time.perf_counter() - t0
+        row = {"step": step + 1, **step_fn(step)}
+        reached, ran = step + 1, ran + 1
+        for key, total in counters.items():
+            state.totals[total] += int(row.pop(key) if key == total else row[key])
+        if eval_fn is not None and (reached % loop.eval_every == 0 or reached == loop.steps):
+            state.evaluate(row, reached)
+        row.update(state.totals)
+        row["time/elapsed"] = state.elapsed()
         log.log(row)
         last = row
-        if snapshot_every > 0 and done_steps % snapshot_every == 0:
-            save_snapshot(
-                ckpt_path.parent, checkpoint_extra, model, done_steps, row["time/elapsed"]
-            )
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
-        if done_steps == loop.steps:
-            checkpoint(done_steps, done=True)
-        elif done_steps % loop.ckpt_every == 0:
-            checkpoint(done_steps, done=False)
-        if stop_after is not None and done_steps - start >= stop_after:
-            if done_steps < loop.steps:  # the last step already wrote the done checkpoint
-                checkpoint(done_steps, done=False)
+        if snapshot_every > 0 and reached % snapshot_every == 0:
+            save_snapshot(state.ckpt_path.parent, checkpoint_extra, model, reached, row["time/elapsed"])
+        bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in postfix if k in row})
+        stopping = stop_after is not None and ran >= stop_after
+        if reached == loop.steps or reached % loop.ckpt_every == 0 or stopping:
+            state.checkpoint(reached, finished=reached == loop.steps)
+        if stopping:
             break
     bar.close()
     out: dict[str, Any] = dict(last)
-    out["wall_s"] = time.perf_counter() - t0
-    out["tokens_per_s"] = tokens / max(out["wall_s"], 1e-9)
-    if best is not None:
+    out["wall_s"] = time.perf_counter() - state.t0
+    out["tokens_per_s"] = state.totals.get("tokens", 0) / max(out["wall_s"], 1e-9)
+    out["steps_done"] = reached
+    if state.best is not None:
+        best = state.best
         if reached == loop.steps:
             model.load_state_dict(best.model)  # the run is over: leave the chosen weights
-        out.update(best_metric=best_metric, best_step=best.step, best_value=best.value)
+        out.update(best_metric=state.best_metric, best_step=best.step, best_value=best.value)
     return out
 
 
@@ -335,45 +374,3 @@ def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def save_snapshot(
-    out_dir: Path, extra: dict[str, Any], model: torch.nn.Module, step: int, elapsed_s: float
-) -> Path:
-    """Weights at `step` as ``<out_dir>/snapshots/step-NNNNNN.pt`` (loadable like the
-    checkpoint, without the optimizer): the points of the reward-KL frontier."""
-    path = Path(out_dir) / "snapshots" / f"step-{step:06d}.pt"
-    state = {k: v for k, v in extra.items() if k != "optimizer"}
-    state.update(model=model.state_dict(), step=step, done=True, elapsed_s=elapsed_s)
-    save_checkpoint(path, state)
-    return path
-
-
-def snapshots(out_dir: str | Path) -> list[Path]:
-    """The snapshots of a stage folder, in step order."""
-    return sorted((Path(out_dir) / "snapshots").glob("step-*.pt"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: the identity of a stage's input (pairs, checkpoints)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def stage_status(ckpt_path: str | Path, stage_config: dict[str, Any], *, force: bool) -> str:
-    """Whether a checkpointed stage is to be run "fresh", "resume"d, or is already "done".
-
-    A checkpoint written with another configuration is refused (one clear error)
-    rather than silently overwritten; ``force`` starts afresh regardless.
-    """
-    ckpt_path = Path(ckpt_path)
-    if force or not ckpt_path.exists():
-        return "fresh"
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt.get("stage_config") != stage_config:
-        raise MinidpoError(
-            f"{ckpt_path}: exists with another configuration; "
-            "use --force to retrain or --name for a new run"
-        )
-    return "done" if ckpt.get("done") else "resume"

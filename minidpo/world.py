@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from minidpo.errors import MinidpoError
+from minidpo.resources import data_dir
 
 KINDS = ("fact", "vague", "wrong")
 SPLITS = ("train", "eval")
 TOPIC_PLACEHOLDER = "{topic}"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "explain"
+DEFAULT_DATA_DIR = data_dir() / "explain"  # data/explain, in the checkout or the wheel
 
 _POOL_KEYS = {"facts": "fact", "vague": "vague", "wrong": "wrong"}  # JSON key -> kind
 _SENTENCE_END = re.compile(r"(?<=[.!?]) ")  # applied after whitespace normalisation

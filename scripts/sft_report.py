@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minidpo.atomic import atomic_write_json
 from minidpo.oracle import reward_breakdown
 from minidpo.plots import reward_histogram
-from minidpo.policy import load_policy, sample_responses
+from minidpo.policy import load_policy
+from minidpo.sampling import sample_responses
 from minidpo.training import resolve_device
 from minidpo.world import load_world, sample_demonstrations
 

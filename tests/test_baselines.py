@@ -12,17 +12,16 @@ from minidpo.baselines import (
     chosen_loss,
     run_preferred_ft,
 )
+from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
-from minidpo.policy import load_policy, sample_responses
-from minidpo.preferences import PreferencePair, save_pairs, score_samples
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.policy import load_policy
+from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.sampling import sample_responses
+from minidpo.scoring import oracle_scores
+from minidpo.training import read_metrics
 from minidpo.world import load_world
 
 PROMPTS = ["Explain gravity.", "What is gravity?", "Explain photosynthesis."]
-
-
-def oracle_scores(samples):
-    return torch.tensor(score_samples(samples))
 
 
 @pytest.fixture(scope="module")

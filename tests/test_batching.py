@@ -2,7 +2,8 @@
 
 import torch
 
-from minidpo.batching import build_batch, token_logprobs
+from minidpo.batching import build_batch
+from minidpo.logprobs import token_logprobs
 
 
 def test_build_batch_hand_worked():

@@ -88,7 +88,8 @@ def test_tiny_sft_then_sample(tmp_path, capsys):
     assert len(shown) == 2
     # the three summary lines agree with a recomputation from the same samples
     from minidpo.oracle import reward_breakdown
-    from minidpo.policy import load_policy, sample_responses
+    from minidpo.policy import load_policy
+    from minidpo.sampling import sample_responses
     from minidpo.world import load_world
 
     model, tok = load_policy(tmp_path / "default" / "sft" / "checkpoint.pt")
@@ -194,7 +195,8 @@ def test_rlhf_commands_on_tiny(tmp_path, capsys, tiny_sft):
 
 def test_prompt_file_errors_name_the_file(tmp_path, tiny_sft):
     from minidpo.errors import MinidpoError
-    from minidpo.policy import load_policy, load_prompts
+    from minidpo.policy import load_policy
+    from minidpo.sampling import load_prompts
 
     _, tok = load_policy(tiny_sft)
     bad = tmp_path / "latin1.txt"

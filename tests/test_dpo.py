@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import minidpo.dpo as dpo_mod
+from minidpo.checkpoints import load_checkpoint
 from minidpo.config import DPOConfig, resolve
 from minidpo.dpo import run_dpo
 from minidpo.errors import MinidpoError
 from minidpo.losses import LOSS_TYPES
 from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, save_pairs
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.training import read_metrics
 from minidpo.world import load_world
 
 TRL_NAMES = [

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from minidpo.evaluate import evaluate_policy, mean_se, sample_logprobs, summarize, win_rate
-from minidpo.policy import Sample, load_policy
+from minidpo.policy import load_policy
+from minidpo.sampling import Sample
 
 
 def test_mean_se_known_answer():

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
+from minidpo.batching import concatenated_batch
 from minidpo.logprobs import (
-    concatenated_batch,
     concatenated_logprobs,
     sequence_logprobs,
     sequence_logprobs_slow,

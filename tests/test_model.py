@@ -12,13 +12,12 @@ from minidpo.errors import MinidpoError
 from minidpo.model import (
     GPT,
     GPTConfig,
-    KVCache,
     ScalarHeadModel,
     attention_bool_mask,
     param_count,
     position_ids,
-    sample_next_token,
 )
+from minidpo.sampling import KVCache, generate, sample_next_token
 
 TINY = GPTConfig(vocab_size=16, block_size=32, n_layer=2, n_head=2, n_embd=32)
 EOT = 0
@@ -258,9 +257,9 @@ def test_batched_generation_equals_one_at_a_time(
 ) -> None:
     model = make_model(seed=1, sharp=True)
     kw = dict(max_new_tokens=12, eot_id=EOT, temperature=temperature, top_k=top_k)
-    batched = model.generate(PROMPTS, seeds=SEEDS, use_cache=use_cache, **kw)
+    batched = generate(model, PROMPTS, seeds=SEEDS, use_cache=use_cache, **kw)
     single = [
-        model.generate([p], seeds=[s], use_cache=use_cache, **kw)[0]
+        generate(model, [p], seeds=[s], use_cache=use_cache, **kw)[0]
         for p, s in zip(PROMPTS, SEEDS, strict=True)
     ]
     assert batched == single
@@ -271,7 +270,7 @@ def test_batched_generation_equals_one_at_a_time(
 def test_generation_stops_at_eot() -> None:
     model = make_model(seed=2)  # near-uniform over 16 ids: P(eot) ~ 1/16 per step
     prompts = [[1 + (i % 15)] * (1 + i % 5) for i in range(24)]
-    out = model.generate(prompts, max_new_tokens=20, eot_id=EOT, seeds=range(24))
+    out = generate(model, prompts, max_new_tokens=20, eot_id=EOT, seeds=range(24))
     stopped = reached_max = 0
     for i, r in enumerate(out):
         assert 1 <= len(r) <= 20, f"row {i} has {len(r)} tokens"
@@ -285,30 +284,30 @@ def test_generation_stops_at_eot() -> None:
 def test_generation_seeds() -> None:
     model = make_model(seed=3)
     kw = dict(max_new_tokens=15, eot_id=EOT)
-    a = model.generate(PROMPTS, seeds=SEEDS, **kw)
-    b = model.generate(PROMPTS, seeds=SEEDS, **kw)
-    c = model.generate(PROMPTS, seeds=[s + 100 for s in SEEDS], **kw)
+    a = generate(model, PROMPTS, seeds=SEEDS, **kw)
+    b = generate(model, PROMPTS, seeds=SEEDS, **kw)
+    c = generate(model, PROMPTS, seeds=[s + 100 for s in SEEDS], **kw)
     assert a == b
     assert a != c
     # the same prompt twice in one batch with different seeds gives different samples
-    d = model.generate([PROMPTS[0], PROMPTS[0]], seeds=[1, 2], **kw)
+    d = generate(model, [PROMPTS[0], PROMPTS[0]], seeds=[1, 2], **kw)
     assert d[0] != d[1]
 
 
 def test_generate_restores_training_mode_and_validates() -> None:
     model = make_model().train()
-    model.generate([[1, 2]], max_new_tokens=2, eot_id=EOT, seeds=[0])
+    generate(model, [[1, 2]], max_new_tokens=2, eot_id=EOT, seeds=[0])
     assert model.training
     kw = dict(eot_id=EOT, seeds=[0])
     with pytest.raises(MinidpoError, match="block_size 32"):
-        model.generate([[1] * 30], max_new_tokens=3, **kw)
-    model.generate([[1] * 29], max_new_tokens=3, **kw)  # 29 + 3 == 32 fits
+        generate(model, [[1] * 30], max_new_tokens=3, **kw)
+    generate(model, [[1] * 29], max_new_tokens=3, **kw)  # 29 + 3 == 32 fits
     with pytest.raises(MinidpoError, match="seeds"):
-        model.generate([[1], [2]], max_new_tokens=3, **kw)
+        generate(model, [[1], [2]], max_new_tokens=3, **kw)
     with pytest.raises(MinidpoError, match="empty"):
-        model.generate([[]], max_new_tokens=3, **kw)
+        generate(model, [[]], max_new_tokens=3, **kw)
     with pytest.raises(MinidpoError, match="token id"):
-        model.generate([[99]], max_new_tokens=3, **kw)
+        generate(model, [[99]], max_new_tokens=3, **kw)
 
 
 # --------------------------------------------------------------------- KV cache
@@ -322,9 +321,11 @@ def test_kv_cache_logits_equal_full_forward() -> None:
     mask[2, :9] = 0  # row 2 by 9
     full = model(idx, mask)  # (B, T, V)
     cache = KVCache(TINY.n_layer)
-    chunks = [model.lm_head(model._hidden(idx[:, :6], mask[:, :6], cache))]  # prefill 6
+    chunks = [model.lm_head(model.hidden_states(idx[:, :6], mask[:, :6], cache))]  # prefill 6
     for t in range(6, 14):  # then one position at a time
-        chunks.append(model.lm_head(model._hidden(idx[:, t : t + 1], mask[:, : t + 1], cache)))
+        chunks.append(
+            model.lm_head(model.hidden_states(idx[:, t : t + 1], mask[:, : t + 1], cache))
+        )
     assert cache.length == 14
     incremental = torch.cat(chunks, dim=1)  # (B, T, V)
     real = mask.bool()
@@ -337,17 +338,17 @@ def test_kv_cache_generation_equals_no_cache() -> None:
     model = make_model(seed=5, sharp=True)
     for temperature, top_k in [(1.0, None), (0.0, None), (1.0, 4)]:
         kw = dict(max_new_tokens=20, eot_id=EOT, seeds=SEEDS, temperature=temperature, top_k=top_k)
-        assert model.generate(PROMPTS, use_cache=True, **kw) == model.generate(
-            PROMPTS, use_cache=False, **kw
+        assert generate(model, PROMPTS, use_cache=True, **kw) == generate(
+            model, PROMPTS, use_cache=False, **kw
         ), f"temperature={temperature} top_k={top_k}"
 
 
 def test_kv_cache_respects_block_size() -> None:
     model = make_model()
     cache = KVCache(TINY.n_layer)
-    model._hidden(torch.zeros(1, 32, dtype=torch.long), None, cache)
+    model.hidden_states(torch.zeros(1, 32, dtype=torch.long), None, cache)
     with pytest.raises(MinidpoError, match="33 tokens"):
-        model._hidden(torch.zeros(1, 1, dtype=torch.long), None, cache)
+        model.hidden_states(torch.zeros(1, 1, dtype=torch.long), None, cache)
 
 
 # ----------------------------------------------------------------- scalar head

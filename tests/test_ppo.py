@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.policy import load_policy
-from minidpo.ppo import PPOConfig, oracle_scores, run_ppo, tempered_logprobs
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.ppo import PPOConfig, run_ppo, tempered_logprobs
+from minidpo.scoring import oracle_scores
+from minidpo.training import read_metrics
 
 TRL_NAMES = (
     "objective/kl",

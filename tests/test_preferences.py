@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from minidpo.errors import MinidpoError
-from minidpo.policy import Sample
 from minidpo.preferences import (
     PreferencePair,
     bradley_terry_prob,
@@ -14,6 +13,7 @@ from minidpo.preferences import (
     load_pairs,
     save_pairs,
 )
+from minidpo.sampling import Sample
 
 
 def _s(prompt, text, terminated=True):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from minidpo.batching import build_batch
+from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
-from minidpo.policy import Sample, load_policy, sample_responses
+from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, save_pairs
 from minidpo.reward_model import (
     RewardModel,
@@ -28,8 +29,9 @@ from minidpo.reward_model import (
     run_reward_model,
     spearman,
 )
+from minidpo.sampling import Sample, sample_responses
 from minidpo.tokenizer import train_bpe
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.training import read_metrics
 from minidpo.world import load_world
 
 # ------------------------------------------------------------------ pure math

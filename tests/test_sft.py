@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
+from minidpo.checkpoints import load_checkpoint
 from minidpo.config import ModelConfig, RunConfig, SFTConfig, TokenizerConfig, resolve
 from minidpo.errors import MinidpoError
 from minidpo.sft import run_sft
-from minidpo.training import load_checkpoint, read_metrics
+from minidpo.training import read_metrics
 
 
 def _cfgs(tmp_path, name, **sft_overrides):

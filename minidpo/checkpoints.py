@@ -1,0 +1,146 @@
+"""Checkpoints: the one file format every stage writes, and the content hash that identifies it.
+
+A checkpoint is a dict saved with ``torch.save`` (atomically) and read back with
+``weights_only=True``, so a file from elsewhere can hold tensors and plain values but
+never run code. It is stamped with a format name and version, and carries what a
+later stage needs to rebuild the model without the stage that wrote it: ``kind``
+("policy" or "reward_model"), ``stage``, ``model_config``, ``tokenizer`` and the
+``config`` it was trained with (`stage_state`).
+
+`content_sha256` is the identity of a stage's result: the bytes of a plain file, or
+for a checkpoint its content without wall-clock entries, so a bit-identical rerun has
+the same hash and leaves the stages that read it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minidpo.atomic import atomic_torch_save
+from minidpo.config import to_dict
+from minidpo.errors import MinidpoError
+
+CHECKPOINT_FORMAT = "minidpo-checkpoint"
+CHECKPOINT_VERSION = 1
+VOLATILE = ("elapsed_s",)  # checkpoint entries that differ between identical runs
+
+
+def stage_state(
+    *, kind: str, stage: str, model_config: dict[str, Any], tokenizer: dict, config: Any
+) -> dict[str, Any]:
+    """The entries every stage's checkpoint carries besides weights and optimizer."""
+    return {
+        "kind": kind,
+        "stage": stage,
+        "model_config": model_config,
+        "tokenizer": tokenizer,
+        "stage_config": config,
+    }
+
+
+def provenance(group: str, cfg: Any, seed: int, **inputs: Path | None) -> dict[str, Any]:
+    """What a checkpoint records of how it was made: its config, seed, and the SHA-256 of
+    each input file (``sft=path`` -> ``"sft_sha256"``; None stays None)."""
+    out: dict[str, Any] = {group: to_dict(cfg), "seed": seed}
+    for name, path in inputs.items():
+        out[f"{name}_sha256"] = None if path is None else file_sha256(path)
+    return out
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a checkpoint atomically, stamped with its format and version."""
+    return atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path
+    )
+
+
+def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, or raise one clear MinidpoError.
+
+    `kind` ("policy", "reward_model", ...) is checked when given, so a reward model
+    handed to a stage that wants a policy is refused by name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MinidpoError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise MinidpoError(f"{path}: corrupt or not a checkpoint ({msg})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MinidpoError(f"{path}: not a minidpo checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise MinidpoError(
+            f"{path}: checkpoint version {ckpt.get('version')!r}, "
+            f"this minidpo reads version {CHECKPOINT_VERSION}"
+        )
+    if kind is not None and ckpt.get("kind") != kind:
+        raise MinidpoError(f"{path}: holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def save_snapshot(
+    out_dir: Path, extra: dict[str, Any], model: torch.nn.Module, step: int, elapsed_s: float
+) -> Path:
+    """Weights at `step` as ``<out_dir>/snapshots/step-NNNNNN.pt`` (loadable like the
+    checkpoint, without the optimizer): the points of the reward-KL frontier."""
+    path = Path(out_dir) / "snapshots" / f"step-{step:06d}.pt"
+    state = {k: v for k, v in extra.items() if k != "optimizer"}
+    state.update(model=model.state_dict(), step=step, done=True, elapsed_s=elapsed_s)
+    save_checkpoint(path, state)
+    return path
+
+
+def snapshots(out_dir: str | Path) -> list[Path]:
+    """The snapshots of a stage folder, in step order."""
+    return sorted((Path(out_dir) / "snapshots").glob("step-*.pt"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash a checkpoint's content deterministically (tensors by their bytes)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            if k not in VOLATILE:
+                h.update(f"K{k}".encode())
+                _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for x in obj:
+            _feed(h, x)
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_sha256(paths: Sequence[Path]) -> str | None:
+    """One hash over files: their bytes, or for ``.pt`` files their content without
+    wall-clock entries. None when a file is missing or unreadable (a damaged result)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        try:
+            if p.suffix == ".pt":
+                _feed(h, torch.load(p, map_location="cpu", weights_only=True))
+            else:
+                h.update(file_sha256(p).encode())
+        except Exception:  # missing, truncated or foreign: not the result that was stamped
+            return None
+    return h.hexdigest()

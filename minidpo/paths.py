@@ -1,0 +1,104 @@
+"""The layout of a run folder, in one place: where every stage reads and writes.
+
+    runs/<name>/
+        tokenizer.json
+        sft/                      checkpoint.pt, metrics.jsonl, summary.json
+        prefs/                    train.jsonl, eval.jsonl, *.ref-<key>.pt (reference log-probs)
+        rm/                       the reward model
+        dpo-<loss>-beta<b>[-eps<e>][-<tag>]/
+        ppo-<rm|oracle>-kl<k>/    PPO against the reward model, PPO-GT against the oracle
+        preferred-ft/  best-of-n/ eval/  plots/  report.md
+        stages/<stage>.json       the stamp of each stage (`minidpo.stage`)
+        sweep/seed<s>/<method folder>/
+
+A command may read its inputs from elsewhere (``--sft``, ``--pairs``, ``--eval-pairs``,
+``--rm``): `RunPaths.inputs` holds those, and every stage asks this object, so the
+pipeline and the single-stage commands agree on every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SWEEP_FOLDERS = {"DPO": "dpo-beta", "PPO": "ppo-rm-kl", "PPO-GT": "ppo-oracle-kl"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of the run at `folder`; `inputs` ("sft", "train_pairs", "eval_pairs",
+    "rm") replace the run's own files as a stage's inputs."""
+
+    folder: Path
+    inputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.folder / "sft"
+
+    @property
+    def sft(self) -> Path:
+        """The SFT checkpoint: pi_SFT, and pi_ref of every later stage."""
+        return self.inputs.get("sft", self.sft_dir / "checkpoint.pt")
+
+    @property
+    def prefs_dir(self) -> Path:
+        return self.folder / "prefs"
+
+    @property
+    def train_pairs(self) -> Path:
+        return self.inputs.get("train_pairs", self.prefs_dir / "train.jsonl")
+
+    @property
+    def eval_pairs(self) -> Path:
+        return self.inputs.get("eval_pairs", self.prefs_dir / "eval.jsonl")
+
+    @property
+    def rm_dir(self) -> Path:
+        return self.folder / "rm"
+
+    @property
+    def rm(self) -> Path:
+        return self.inputs.get("rm", self.rm_dir / "checkpoint.pt")
+
+    def dpo_dir(self, loss: str, beta: float, label_smoothing: float = 0.0, tag: str = "") -> Path:
+        """``dpo-<loss>-beta<b>``, ``-eps<e>`` with label smoothing, ``-<tag>`` if given."""
+        smooth = f"-eps{label_smoothing:g}" if label_smoothing else ""
+        return self.folder / f"dpo-{loss}-beta{beta:g}{smooth}{f'-{tag}' if tag else ''}"
+
+    def ppo_dir(self, reward: str, kl_coef: float) -> Path:
+        """``ppo-rm-kl<k>`` (RLHF) or ``ppo-oracle-kl<k>`` (PPO-GT)."""
+        return self.folder / f"ppo-{reward}-kl{kl_coef:g}"
+
+    @property
+    def preferred_ft_dir(self) -> Path:
+        return self.folder / "preferred-ft"
+
+    @property
+    def best_of_n_samples(self) -> Path:
+        return self.folder / "best-of-n" / "samples.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.folder / "eval" / "results.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.folder / "plots"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / "report.md"
+
+    def stamp(self, stage: str) -> Path:
+        return self.folder / "stages" / f"{stage}.json"
+
+    def sweep_dir(self, method: str, value: float, seed: int) -> Path:
+        """One training run of the frontier sweep."""
+        prefix = SWEEP_FOLDERS.get(method)
+        tag = "preferred-ft" if prefix is None else f"{prefix}{value:g}"
+        return self.folder / "sweep" / f"seed{seed}" / tag

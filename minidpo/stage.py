@@ -1,0 +1,194 @@
+"""The stage protocol: what a stage declares, and the one layer that decides skip, resume or rerun.
+
+A `Stage` declares its config groups, its input files, its output files and a
+function ``fn(ctx, resume) -> summary`` that writes the outputs. `run_stage` is the
+only place that decides what happens, for the pipeline and for the single-stage
+commands (`minidpo sft`, `minidpo dpo`, ...) alike:
+
+- **skip** when the stamp ``stages/<stage>.json`` holds the stage's current key and its
+  outputs still hash to what the stamp recorded. The key is the SHA-256 of the stage's
+  config groups, its extra settings, the seed and the content hash of every input
+  file, so a stage reruns when its settings or anything it reads changed, and a
+  bit-identical upstream rerun leaves it alone;
+- **resume** when a ``.started`` stamp with the same key says an earlier attempt was
+  interrupted: the stage continues from its own checkpoint (``resume=True``);
+- **rerun from scratch** otherwise (first run, changed settings or inputs, a damaged
+  output, or ``--force``): ``resume=False``, and the stage overwrites its outputs.
+
+A stage never decides this itself: trainers take ``resume`` and checkpoint; the
+stamp says what was done. Adding a method is one stage file with its `Stage`, plus
+one entry in the pipeline's table (docs/ARCHITECTURE.md shows the diff it took).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minidpo.atomic import atomic_write_json
+from minidpo.checkpoints import content_sha256
+from minidpo.config import RunConfig, to_dict
+from minidpo.cost import measure
+from minidpo.errors import MinidpoError
+from minidpo.paths import RunPaths
+
+
+@dataclass
+class Context:
+    """A run: where it writes, its settings per stage group, and its device."""
+
+    run: RunConfig
+    cfg: dict[str, Any]  # group name -> config dataclass
+    device: torch.device
+    progress: bool = True
+    force: set[str] = field(default_factory=set)
+    log: Callable[[str], None] = print
+    inputs: dict[str, Path] = field(default_factory=dict)  # RunPaths.inputs
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(Path(self.run.runs_dir) / self.run.name, self.inputs)
+
+    @property
+    def folder(self) -> Path:
+        return self.paths.folder
+
+    @property
+    def sft_path(self) -> Path:
+        return self.paths.sft
+
+    @property
+    def pairs(self) -> tuple[Path, Path]:
+        return self.paths.train_pairs, self.paths.eval_pairs
+
+    def with_seed(self, seed: int) -> Context:
+        """The same run with another seed (the sweep's repeats)."""
+        return dataclasses.replace(self, run=dataclasses.replace(self.run, seed=seed))
+
+
+def _none(ctx: Context) -> Any:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``fn(ctx, resume)`` writes `outputs` from `inputs` and returns a summary."""
+
+    name: str
+    fn: Callable[[Context, bool], dict[str, Any]]
+    groups: tuple[str, ...]  # config groups that are part of its key
+    deps: tuple[str, ...]  # stages that must run first (they write its inputs)
+    inputs: Callable[[Context], list[Path]]  # files it reads: their content is in its key
+    outputs: Callable[[Context], list[Path]]  # files whose hash identifies its result
+    extra_key: Callable[[Context], Any] = _none  # settings outside its groups
+
+
+def read_stamp(path: Path) -> dict[str, Any] | None:
+    """A stamp, or None when missing or unreadable (then the stage simply runs again)."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stamp if isinstance(stamp, dict) else None
+
+
+def stage_key(ctx: Context, stage: Stage) -> str:
+    """Hash of the stage's config groups, seed, extra settings and its inputs' content.
+
+    An input that is missing or unreadable is one MinidpoError naming it."""
+    inputs = {}
+    for path in stage.inputs(ctx):
+        digest = content_sha256([path])
+        if digest is None:
+            state = "not found" if not path.exists() else "unreadable"
+            raise MinidpoError(
+                f"{path}: {state}; stage {stage.name} reads it (run the stages before it "
+                "first, e.g. `minidpo pipeline` with the same --name)"
+            )
+        inputs[path.name if path.is_relative_to(ctx.folder) else str(path)] = digest
+    payload = {
+        "stage": stage.name,
+        "config": {g: to_dict(ctx.cfg[g]) for g in stage.groups},
+        "extra": stage.extra_key(ctx),
+        "seed": ctx.run.seed,
+        "inputs": inputs,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def up_to_date(ctx: Context, stage: Stage, key: str) -> dict[str, Any] | None:
+    """The stage's stamp when it holds `key` and the outputs still hash as stamped."""
+    stamp = read_stamp(ctx.paths.stamp(stage.name))
+    if stamp is None or stamp.get("key") != key or stage.name in ctx.force:
+        return None
+    outs = stage.outputs(ctx)
+    if not outs or content_sha256(outs) != stamp.get("outputs_sha256"):
+        return None
+    return stamp
+
+
+def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, Any]:
+    """Skip, resume or rerun one stage (see the module docstring); returns its stamp and
+    records it in `stamps`."""
+    key = stage_key(ctx, stage)
+    old = up_to_date(ctx, stage, key)
+    if old is not None:
+        ctx.log(f"[{stage.name}] up to date ({old['cost']['wall_s']:.1f} s when run)")
+        stamps[stage.name] = old
+        return old
+    path = ctx.paths.stamp(stage.name)
+    started = read_stamp(path.with_suffix(".started"))
+    resume = stage.name not in ctx.force and started is not None and started.get("key") == key
+    atomic_write_json(path.with_suffix(".started"), {"key": key})
+    ctx.log(f"[{stage.name}] {'resuming' if resume else 'running'}")
+    with measure(ctx.device) as cost:
+        summary = stage.fn(ctx, resume)
+    outs = stage.outputs(ctx)
+    digest = content_sha256(outs) if outs else None
+    if digest is None:
+        missing = [str(p) for p in outs if not p.exists()]
+        raise MinidpoError(f"stage {stage.name}: outputs missing after the run: {missing or 'all'}")
+    stamp = {
+        "stage": stage.name,
+        "key": key,
+        "outputs_sha256": digest,
+        "summary": summary,
+        "cost": dataclasses.asdict(cost),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic_write_json(path, stamp)
+    path.with_suffix(".started").unlink(missing_ok=True)
+    ctx.log(f"[{stage.name}] done in {cost.wall_s:.1f} s")
+    stamps[stage.name] = stamp
+    return stamp
+
+
+# Snapshots of each training run: the points of the reward-KL frontier.
+SNAPSHOTS_PER_RUN = 4
+
+
+def method_config(
+    ctx: Context, group: str, overrides: dict[str, Any] | None, steps_field: str
+) -> Any:
+    """A method's config: the run's `group` with `overrides` on top, and a snapshot every
+    steps / SNAPSHOTS_PER_RUN steps unless ``snapshot_every`` is set."""
+    cfg = dataclasses.replace(ctx.cfg[group], **(overrides or {}))
+    if cfg.snapshot_every == 0:
+        every = max(1, getattr(cfg, steps_field) // SNAPSHOTS_PER_RUN)
+        cfg = dataclasses.replace(cfg, snapshot_every=every)
+    return cfg
+
+
+def training_summary(s: dict[str, Any]) -> dict[str, Any]:
+    """What a stamp keeps of a supervised trainer's summary: tokens through forward and
+    backward (the cost table) and the last training loss."""
+    tokens = int(s.get("tokens", 0))
+    return {"tokens_forward": tokens, "tokens_backward": tokens, "train_loss": s.get("train/loss")}
