@@ -27,7 +27,7 @@ import torch
 
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.batching import Batch, build_batch
-from minidpo.checkpoints import load_checkpoint, provenance, stage_state
+from minidpo.checkpoints import provenance, stage_state
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT
@@ -37,10 +37,10 @@ from minidpo.reward_model import load_reward_model
 from minidpo.sampling import Sample, sample_responses
 from minidpo.scoring import ScoreFn, oracle_breakdowns
 from minidpo.seeds import seed_of, stream
-from minidpo.sft import lm_loss
+from minidpo.sft import lm_loss, mean_lm_loss
 from minidpo.stage import Context, Stage, method_config, training_summary
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, train
+from minidpo.training import Job, LoopConfig, train
 from minidpo.world import load_world
 
 GRAVITY = "Explain gravity."
@@ -60,7 +60,9 @@ class PreferredFTConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(50, "held-out loss on the chosen responses every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    snapshot_every: int = _f(0, "save the weights every N steps, the frontier's points (0: about 4 per run)")
+    snapshot_every: int = _f(
+        0, "save the weights every N steps, the frontier's points (0: about 4 per run)"
+    )
 
 
 def chosen_data(
@@ -71,42 +73,24 @@ def chosen_data(
     return data.prompts, data.chosen
 
 
-@torch.no_grad()
 def chosen_loss(
-    model: GPT,
-    prompts: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
-    pad_id: int,
-    batch_size: int = 128,
+    model: GPT, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
 ) -> float:
-    """Token-weighted mean cross-entropy of `model` on the responses (the quantity trained)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0.0
-    for s in range(0, len(prompts), batch_size):
-        b = build_batch(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id=pad_id)
-        b = b.to(device)
-        n = float(b.mask.sum())
-        total += lm_loss(model(b.input_ids), b).item() * n
-        count += n
-    return total / count
+    """Token-weighted mean cross-entropy of `model` on the chosen responses (what it trains)."""
+    return mean_lm_loss(model, list(prompts), list(responses), pad_id)
 
 
 def run_preferred_ft(
+    cfg: PreferredFTConfig,
+    job: Job,
     *,
     sft_path: Path,
     train_pairs: Path,
-    out_dir: Path,
-    cfg: PreferredFTConfig,
-    seed: int,
-    device: torch.device,
     eval_pairs: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune pi_SFT on the chosen responses (`resume`: continue from the checkpoint in
-    `out_dir`); returns the final metrics summary."""
-    stage_config = provenance("preferred_ft", cfg, seed, sft=sft_path, pairs=train_pairs)
+    """Fine-tune pi_SFT on the chosen responses of the pairs; returns the final metrics."""  # fmt: skip
+    stage_config = provenance("preferred_ft", cfg, job.seed, sft=sft_path, pairs=train_pairs)
+    seed, device, out_dir = job.seed, torch.device(job.device), job.out_dir
     policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_p, train_r = chosen_data(train_pairs, tok, block)
@@ -126,25 +110,14 @@ def run_preferred_ft(
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return {"loss": chosen_loss(m, eval_p, eval_r, tok.eot_id)}
 
-    loop = LoopConfig.from_config(cfg, desc="preferred-ft", resume=resume)
+    extra = stage_state(kind="policy", stage="preferred_ft", model_config=to_dict(policy.config),
+                        tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
     t0 = time.perf_counter()
-    last = train(
-        policy,
-        loop=loop,
-        get_batch=get_batch,
-        loss_fn=loss_fn,
-        ckpt_path=out_dir / "checkpoint.pt",
-        metrics_path=out_dir / "metrics.jsonl",
-        checkpoint_extra=stage_state(kind="policy", stage="preferred_ft",
-                                     model_config=to_dict(policy.config), tokenizer=tok.to_dict(),
-                                     config=stage_config),
-        eval_fn=eval_fn if eval_pairs is not None else None,
-        stop_after=stop_after,
-        progress=progress,
-        snapshot_every=cfg.snapshot_every,
-    )
+    last = train(policy, loop=LoopConfig.from_config(cfg, desc="preferred-ft"), job=job,
+                 get_batch=get_batch, loss_fn=loss_fn, checkpoint_extra=extra,
+                 eval_fn=eval_fn if eval_pairs is not None else None)  # fmt: skip
     summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_p)}
-    if load_checkpoint(out_dir / "checkpoint.pt")["done"]:
+    if last["steps_done"] == cfg.steps:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -195,11 +168,11 @@ def preferred_ft_stage(
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
-        s = run_preferred_ft(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
-                             eval_pairs=held_out, out_dir=out(ctx),
-                             cfg=method_config(ctx, "preferred_ft", None, "steps"),
-                             seed=ctx.run.seed if seed is None else seed, device=ctx.device,
-                             resume=resume, progress=ctx.progress)  # fmt: skip
+        job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
+                  ctx.progress)  # fmt: skip
+        s = run_preferred_ft(method_config(ctx, "preferred_ft", None, "steps"), job,
+                             sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
+                             eval_pairs=held_out)  # fmt: skip
         return training_summary(s)
 
     return Stage(name, fn, ("preferred_ft",), ("prefs",),

@@ -125,7 +125,9 @@ class DPOConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     eval_every: int = _f(50, "held-out pair metrics every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
-    snapshot_every: int = _f(0, "save the weights every N steps, the frontier's points (0: about 4 per run)")
+    snapshot_every: int = _f(
+        0, "save the weights every N steps, the frontier's points (0: about 4 per run)"
+    )
 
 
 @dataclass

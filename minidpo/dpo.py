@@ -31,15 +31,15 @@ import torch
 
 from minidpo.atomic import atomic_torch_save, atomic_write_json
 from minidpo.batching import Batch
-from minidpo.checkpoints import file_sha256, load_checkpoint, stage_state
+from minidpo.checkpoints import file_sha256, provenance, stage_state
 from minidpo.config import DPOConfig, to_dict
 from minidpo.logprobs import concatenated_logprobs
 from minidpo.losses import check_loss_args, preference_loss
-from minidpo.policy import build_policy, load_policy
+from minidpo.policy import load_policy
 from minidpo.preferences import TokenizedPairs, load_pairs, tokenize_pairs
 from minidpo.seeds import stream
 from minidpo.stage import Context, Stage, method_config, training_summary
-from minidpo.training import LoopConfig, train
+from minidpo.training import Job, LoopConfig, train
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def reference_logps(
                 return saved["chosen"], saved["rejected"]
         except Exception:
             pass  # unreadable cache: recompute it
-    ref, _ = build_policy(load_checkpoint(sft_path, kind="policy"))
+    ref, _ = load_policy(sft_path)
     chosen, rejected = compute_logps(ref.to(device), data, pad_id)
     atomic_torch_save({"key": key, "chosen": chosen, "rejected": rejected}, cache)
     del ref
@@ -113,30 +113,13 @@ def preference_metrics(
 
 
 def run_dpo(
-    *,
-    sft_path: Path,
-    train_pairs: Path,
-    eval_pairs: Path | None,
-    out_dir: Path,
-    cfg: DPOConfig,
-    seed: int,
-    device: torch.device,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
+    cfg: DPOConfig, job: Job, *, sft_path: Path, train_pairs: Path, eval_pairs: Path | None
 ) -> dict[str, Any]:
-    """Train a DPO policy from the SFT checkpoint (`resume`: continue from the checkpoint
-    in `out_dir`); returns the final metrics summary."""
+    """Train a DPO policy from the SFT checkpoint on the pairs; returns the final metrics."""
     check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing)
-    stage_config = {
-        "dpo": to_dict(cfg),
-        "seed": seed,
-        "sft_sha256": file_sha256(sft_path),
-        "pairs_sha256": file_sha256(train_pairs),
-    }
-    sft = load_checkpoint(sft_path, kind="policy")
-    policy, tok = build_policy(sft)
-    policy = policy.to(device)
+    stage_config = provenance("dpo", cfg, job.seed, sft=sft_path, pairs=train_pairs)
+    seed, device, out_dir = job.seed, torch.device(job.device), job.out_dir
+    policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
     ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device)
@@ -161,24 +144,21 @@ def run_dpo(
         pc, pr = compute_logps(model, eval_data, tok.eot_id)
         return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
 
-    loop = LoopConfig.from_config(cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]", resume=resume)
+    loop = LoopConfig.from_config(cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]")
+    extra = stage_state(kind="policy", stage="dpo", model_config=to_dict(policy.config),
+                        tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
     t0 = time.perf_counter()
     last = train(
         policy,
         loop=loop,
+        job=job,
         get_batch=get_batch,
         loss_fn=loss_fn,
-        ckpt_path=out_dir / "checkpoint.pt",
-        metrics_path=out_dir / "metrics.jsonl",
-        checkpoint_extra=stage_state(kind="policy", stage="dpo", model_config=sft["model_config"],
-                                     tokenizer=tok.to_dict(), config=stage_config),
+        checkpoint_extra=extra,
         eval_fn=eval_fn if eval_pairs is not None else None,
-        stop_after=stop_after,
-        progress=progress,
-        snapshot_every=cfg.snapshot_every,
     )
     summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_data)}
-    if stop_after is None:
+    if last["steps_done"] == cfg.steps:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -228,10 +208,10 @@ def stage(
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
-        s = run_dpo(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
-                    eval_pairs=held_out, out_dir=out(ctx), cfg=config(ctx),
-                    seed=ctx.run.seed if seed is None else seed, device=ctx.device,
-                    resume=resume, progress=ctx.progress)  # fmt: skip
+        job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
+                  ctx.progress)  # fmt: skip
+        s = run_dpo(config(ctx), job, sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
+                    eval_pairs=held_out)  # fmt: skip
         return training_summary(s)
 
     return Stage(name, fn, ("dpo",), ("ref_logps",), inputs=inputs,

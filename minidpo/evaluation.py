@@ -124,8 +124,12 @@ def _best_of_n(ctx: Context, sft_rewards: list[float]) -> tuple[EvalResult, list
     k, spp = p.best_of_n_samples_per_prompt, ev.samples_per_prompt
     # win rate: selection j of prompt i against SFT sample j of the same prompt (the
     # seeds differ: Best-of-N draws its candidates in one call of its own)
-    paired = [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(held_out))] if k <= spp else None
-    fake = [Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in held_out]
+    paired = (
+        [sft_rewards[(i // k) * spp + (i % k)] for i in range(len(held_out))] if k <= spp else None
+    )
+    fake = [
+        Sample(x["prompt"], x["response"], [0] * x["n_tokens"], x["terminated"]) for x in held_out
+    ]
     result = summarize(fake, [x["oracle"] for x in held_out],
                        [x["unparseable"] for x in held_out], None, paired)  # fmt: skip
     return result, rows

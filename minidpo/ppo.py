@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from minidpo.atomic import atomic_write_json
-from minidpo.batching import build_batch
+from minidpo.batching import Batch, build_batch
 from minidpo.checkpoints import provenance, stage_state
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
@@ -79,12 +79,12 @@ from minidpo.ppo_math import (
     whiten,
 )
 from minidpo.reward_model import load_reward_model
-from minidpo.sampling import encode_prompt, load_prompts, sample_responses
+from minidpo.sampling import Sample, encode_prompt, load_prompts, sample_responses
 from minidpo.scoring import ScoreFn, oracle_scores
 from minidpo.seeds import seed_of, stream
 from minidpo.stage import Context, Stage, method_config
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import Carried, LoopConfig, read_metrics, run_loop
+from minidpo.training import Carried, Job, LoopConfig, read_metrics, run_loop
 from minidpo.world import load_world
 
 
@@ -123,7 +123,9 @@ class PPOConfig:
     eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
     eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
-    snapshot_every: int = _f(0, "save the weights every N iterations, the frontier's points (0: about 4 per run)")
+    snapshot_every: int = _f(
+        0, "save the weights every N iterations, the frontier's points (0: about 4 per run)"
+    )
 
     def validate(self, flag_prefix: str = "", *, oracle: bool = False) -> None:
         """Raise MinidpoError naming the flag of the first bad value (`flag_prefix`: the
@@ -257,28 +259,23 @@ def heldout_oracle_kl(
 
 
 def run_ppo(
+    cfg: PPOConfig,
+    job: Job,
     *,
     sft_path: str | Path,
-    out_dir: str | Path,
-    cfg: PPOConfig,
     score_fn: ScoreFn,
-    seed: int,
-    device: torch.device | str = "cpu",
     value_init: dict[str, torch.Tensor] | None = None,
     prompts: Sequence[str] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
     flag_prefix: str = "",
 ) -> dict[str, Any]:
     """Train a policy with PPO from the SFT checkpoint at `sft_path`; returns a summary.
 
     Writes ``checkpoint.pt`` (kind "policy", loadable by `minidpo.policy.load_policy`;
     it also holds the value model, the optimizer and beta, for resuming),
-    ``metrics.jsonl`` and ``summary.json`` into `out_dir`; `resume` continues from the
-    checkpoint there (the iteration's prompts, samples and minibatch order depend on
-    (seed, iteration) only, so a resumed run ends with the weights of an uninterrupted
-    one). `stop_after` ends the call after that many iterations, as if killed.
+    ``metrics.jsonl`` and ``summary.json`` into ``job.out_dir``; ``job.resume`` continues
+    from the checkpoint there (the iteration's prompts, samples and minibatch order depend
+    on (seed, iteration) only, so a resumed run ends with the weights of an uninterrupted
+    one).
     `prompts` replaces the world's training prompts (each must fit the context with
     `max_new_tokens` to spare). With ``snapshot_every``, the policy's weights are also
     saved every that many iterations under ``snapshots/`` (the frontier's points).
@@ -286,8 +283,10 @@ def run_ppo(
     ``score_fn=oracle_scores`` (PPO-GT) a nonzero `missing_eot_penalty` is refused.
     """
     cfg.validate(flag_prefix, oracle=score_fn is oracle_scores)
-    out_dir, device = Path(out_dir), torch.device(device)
-    prompts_sha = None if prompts is None else hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    out_dir, device, seed = Path(job.out_dir), torch.device(job.device), job.seed
+    prompts_sha = (
+        None if prompts is None else hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    )
     stage_config = {**provenance("ppo", cfg, seed, sft=Path(sft_path)),
                     "value_init_sha256": state_digest(value_init), "prompts_sha256": prompts_sha}  # fmt: skip
     policy, tok = load_policy(sft_path, device)
@@ -300,19 +299,10 @@ def run_ppo(
         {"params": list(value_model.parameters()), "lr": cfg.value_lr},
     ]
     optimizer = torch.optim.Adam(groups, eps=1e-5)  # eps 1e-5, as the N details advise
-    kl_ctl = (
-        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        if cfg.adaptive_kl
-        else FixedKLController(cfg.kl_coef)
-    )
-    world = load_world()
-    train_prompts = list(prompts) if prompts is not None else [p.text for p in world.prompts("train")]
-    if not train_prompts:
-        raise MinidpoError("PPO needs at least one training prompt")
+    kl_ctl = kl_controller(cfg)
     block = policy.config.block_size
-    for p in train_prompts:
-        encode_prompt(tok, p, block, cfg.max_new_tokens)  # fail now, not mid-run
-    eval_prompts = [p.text for p in world.prompts("eval")]
+    train_prompts = checked_prompts(prompts, tok, block, cfg.max_new_tokens)
+    eval_prompts = [p.text for p in load_world().prompts("eval")]
     eval_seed = seed_of(seed, "ppo/eval")
 
     def step_fn(it: int) -> dict[str, Any]:
@@ -329,7 +319,7 @@ def run_ppo(
 
     loop = LoopConfig(steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
                       weight_decay=0.0, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                      ckpt_every=cfg.ckpt_every, resume=resume, desc="ppo")  # fmt: skip
+                      ckpt_every=cfg.ckpt_every, snapshot_every=cfg.snapshot_every, desc="ppo")  # fmt: skip
     extra = stage_state(kind="policy", stage="ppo", model_config=to_dict(policy.config),
                         tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
     carried = {
@@ -337,18 +327,36 @@ def run_ppo(
         "kl_coef": Carried(lambda: kl_ctl.value, lambda v: setattr(kl_ctl, "value", float(v))),
     }
     last = run_loop(
-        policy, optimizer, step_fn, loop=loop, ckpt_path=out_dir / "checkpoint.pt",
-        metrics_path=out_dir / "metrics.jsonl", checkpoint_extra=extra, eval_fn=eval_fn,
-        eval_at_start=True, carried=carried, stop_after=stop_after, progress=progress,
+        policy, optimizer, step_fn, loop=loop, job=job, checkpoint_extra=extra, eval_fn=eval_fn,
+        eval_at_start=True, carried=carried,
         counters={"tokens/forward": "tokens_forward", "tokens/backward": "tokens_backward"},
         postfix=("objective/scores", "objective/kl", "objective/oracle"),
-        snapshot_every=cfg.snapshot_every,
     )  # fmt: skip
     summary = ppo_summary(read_metrics(out_dir / "metrics.jsonl"), cfg, last, kl_ctl.value)
     summary["device"] = str(device)
     if last["steps_done"] == cfg.iterations:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def checked_prompts(
+    prompts: Sequence[str] | None, tok: Tokenizer, block: int, max_new_tokens: int
+) -> list[str]:
+    """The training prompts (None: the world's), each checked to fit the context with
+    `max_new_tokens` to spare: an error now, not mid-run."""
+    out = list(prompts) if prompts is not None else [p.text for p in load_world().prompts("train")]
+    if not out:
+        raise MinidpoError("PPO needs at least one training prompt")
+    for p in out:
+        encode_prompt(tok, p, block, max_new_tokens)
+    return out
+
+
+def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    """beta's controller: adaptive towards `kl_target` (Ziegler et al. 2019), or fixed."""
+    if cfg.adaptive_kl:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
 
 
 def ppo_summary(
@@ -380,6 +388,41 @@ def ppo_summary(
     }
 
 
+def rollout(
+    policy: GPT,
+    tok: Tokenizer,
+    prompts: Sequence[str],
+    block: int,
+    cfg: PPOConfig,
+    seed: int,
+    it: int,
+) -> tuple[list[Sample], Batch]:
+    """Iteration `it`'s rollout: `rollout_batch` training prompts, one sample each from the
+    policy (prompts and sampling seeds depend on (seed, it) only), and their batch."""  # fmt: skip
+    rng = stream(seed, "ppo/prompts", it)
+    B = cfg.rollout_batch
+    chosen = [prompts[i] for i in rng.choice(len(prompts), size=B, replace=B > len(prompts))]
+    samples = sample_responses(policy, tok, chosen, seed=seed_of(seed, "ppo/rollout", it),
+                               temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+    prompt_ids = [encode_prompt(tok, p, block, cfg.max_new_tokens) for p in chosen]
+    return samples, build_batch(prompt_ids, [s.response_ids for s in samples], pad_id=tok.eot_id)
+
+
+def rollout_scores(
+    samples: Sequence[Sample], score_fn: ScoreFn, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score of each rollout, (B,) float32 on the CPU, less `missing_eot_penalty` for a
+    response that never ended (lm-human-preferences; a learned reward only: `run_ppo`
+    refuses it with the oracle); and which never ended, (B,) bool."""
+    scores = torch.as_tensor(score_fn(samples), dtype=torch.float32).detach().cpu()
+    if scores.shape != (len(samples),):
+        raise ValueError(
+            f"score_fn returned shape {tuple(scores.shape)}, expected ({len(samples)},)"
+        )
+    unterminated = torch.tensor([not s.terminated for s in samples])
+    return scores - cfg.missing_eot_penalty * unterminated.float(), unterminated
+
+
 def ppo_iteration(
     it: int,
     *,
@@ -397,18 +440,9 @@ def ppo_iteration(
     device: torch.device,
 ) -> dict[str, Any]:
     """One PPO iteration (rollout, scoring, update): `run_loop`'s step; returns its metrics."""
-    # --- rollout: prompts and sampling seeds depend on (seed, it) only
     t0 = time.perf_counter()
-    rng = stream(seed, "ppo/prompts", it)
     B = cfg.rollout_batch
-    chosen = [prompts[i] for i in rng.choice(len(prompts), size=B, replace=B > len(prompts))]
-    sample_seed = seed_of(seed, "ppo/rollout", it)
-    samples = sample_responses(
-        policy, tok, chosen, seed=sample_seed, temperature=cfg.temperature,
-        max_new_tokens=cfg.max_new_tokens,
-    )  # fmt: skip
-    prompt_ids = [encode_prompt(tok, p, block, cfg.max_new_tokens) for p in chosen]
-    batch = build_batch(prompt_ids, [s.response_ids for s in samples], pad_id=tok.eot_id)
+    samples, batch = rollout(policy, tok, prompts, block, cfg, seed, it)
     batch = batch.to(device)
     n_tok = int(batch.n_tokens)  # real (unpadded) tokens of the rollout sequences
     mask = batch.mask  # (B, T)
@@ -420,14 +454,8 @@ def ppo_iteration(
         values = value_model(batch.input_ids).float() * mask  # (B, T)
     t_rollout = time.perf_counter() - t0
 
-    # --- scoring
     t0 = time.perf_counter()
-    scores = torch.as_tensor(score_fn(samples), dtype=torch.float32).detach().cpu()
-    if scores.shape != (B,):
-        raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({B},)")
-    unterminated = torch.tensor([not s.terminated for s in samples])
-    # lm-human-preferences; a learned reward only (run_ppo refuses it with the oracle)
-    scores = scores - cfg.missing_eot_penalty * unterminated.float()
+    scores, unterminated = rollout_scores(samples, score_fn, cfg)
     oracle = oracle_scores(samples).float()
     scores = scores.to(device)
     t_scoring = time.perf_counter() - t0
@@ -547,6 +575,15 @@ def stage(
         prompts = [ctx.inputs["prompts"]] if "prompts" in ctx.inputs else []
         return [ctx.paths.sft, *([ctx.paths.rm] if reward == "rm" else []), *prompts]
 
+    def training_prompts(ctx: Context) -> list[str] | None:
+        """The prompts of ``--prompts`` (the oracle, logged along every run, knows the
+        world's only), each checked; None: the world's training prompts."""
+        if "prompts" not in ctx.inputs:
+            return None
+        policy, tok = load_policy(ctx.paths.sft)
+        return load_prompts(ctx.inputs["prompts"], tok, policy.config.block_size,
+                            config(ctx).max_new_tokens, check=load_world().prompt)  # fmt: skip
+
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         cfg = config(ctx)
         score_fn: ScoreFn = oracle_scores
@@ -554,15 +591,10 @@ def stage(
         if reward == "rm":
             rm = load_reward_model(ctx.paths.rm, ctx.device)
             score_fn, value_init = rm.score, rm.model.state_dict()
-        prompts = None
-        if "prompts" in ctx.inputs:  # the oracle, logged along every run, knows the world's only
-            policy, tok = load_policy(ctx.paths.sft)
-            prompts = load_prompts(ctx.inputs["prompts"], tok, policy.config.block_size,
-                                   cfg.max_new_tokens, check=load_world().prompt)  # fmt: skip
-        s = run_ppo(sft_path=ctx.paths.sft, out_dir=out(ctx), cfg=cfg, score_fn=score_fn,
-                    seed=ctx.run.seed if seed is None else seed, device=ctx.device,
-                    value_init=value_init, prompts=prompts, resume=resume,
-                    progress=ctx.progress, flag_prefix="ppo-")  # fmt: skip
+        job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
+                  ctx.progress)  # fmt: skip
+        s = run_ppo(cfg, job, sft_path=ctx.paths.sft, score_fn=score_fn, value_init=value_init,
+                    prompts=training_prompts(ctx), flag_prefix="ppo-")  # fmt: skip
         keep = ("eval_oracle_start", "eval_oracle", "eval_kl", "rollout_scores",
                 "rollout_oracle", "time_per_iteration", "tokens_forward", "tokens_backward",
                 "wall_s")  # fmt: skip
@@ -570,4 +602,5 @@ def stage(
 
     return Stage(name, fn, ("ppo",), ("rm",) if reward == "rm" else ("sft",), inputs=inputs,
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
-                 extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed])  # fmt: skip
+                 extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed],
+                 check=lambda c: training_prompts(c) and None)  # fmt: skip

@@ -69,7 +69,7 @@ from minidpo.scoring import oracle_scores
 from minidpo.seeds import seed_of, stream
 from minidpo.stage import Context, Stage, training_summary
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import LoopConfig, train
+from minidpo.training import Job, LoopConfig, train
 from minidpo.world import World, format_prompt, load_world
 
 
@@ -423,34 +423,29 @@ def check_config(cfg: RewardModelConfig) -> None:
 
 
 def run_reward_model(
+    cfg: RewardModelConfig,
+    job: Job,
     *,
     sft_path: Path,
     train_pairs: Path,
     eval_pairs: Path | None,
-    out_dir: Path,
-    cfg: RewardModelConfig,
-    seed: int,
-    device: torch.device,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train, normalise and report on a reward model initialised from SFT; returns its summary.
 
-    `resume` continues from the checkpoint in `out_dir` (a run killed after training but
-    before normalising resumes straight into the normalisation). With `eval_pairs`, the
-    weights kept are those of the evaluation with the best held-out accuracy
-    (``best_step`` in the summary); without, the last ones.
-    """
+    ``job.resume`` continues from the checkpoint (a run killed after training but before
+    normalising resumes straight into the normalisation). With `eval_pairs`, the weights
+    kept are those of the evaluation with the best held-out accuracy (``best_step`` in
+    the summary); without, the last ones.
+    """  # fmt: skip
     check_config(cfg)
     t0 = time.perf_counter()
+    seed, device = job.seed, torch.device(job.device)
     policy, tok = load_policy(sft_path)
     last, model, eval_list, n_train = train_reward_model(
-        policy, tok, train_pairs=train_pairs, eval_pairs=eval_pairs, out_dir=out_dir, cfg=cfg,
-        seed=seed, device=device, resume=resume, progress=progress, stop_after=stop_after,
+        policy, tok, cfg, job, train_pairs=train_pairs, eval_pairs=eval_pairs,
         provenance_=provenance("reward_model", cfg, seed, sft=sft_path, pairs=train_pairs),
     )  # fmt: skip
-    ckpt_path = out_dir / "checkpoint.pt"
+    ckpt_path = job.out_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path, kind="reward_model")
     if not ckpt["done"]:
         return {**last, "done": False}
@@ -473,17 +468,23 @@ def run_reward_model(
             seed=seed_of(seed, "rm/report"), max_new_tokens=cfg.max_new_tokens,
         )  # fmt: skip
     summary["wall_s_total"] = time.perf_counter() - t0
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_json(job.out_dir / "summary.json", summary)
     return summary
 
 
 def train_reward_model(
-    body: GPT, tok: Tokenizer, *, train_pairs: Path, eval_pairs: Path | None, out_dir: Path,
-    cfg: RewardModelConfig, seed: int, device: torch.device, resume: bool, progress: bool,
-    stop_after: int | None, provenance_: dict[str, Any],
+    body: GPT,
+    tok: Tokenizer,
+    cfg: RewardModelConfig,
+    job: Job,
+    *,
+    train_pairs: Path,
+    eval_pairs: Path | None,
+    provenance_: dict[str, Any],
 ) -> tuple[dict[str, Any], ScalarHeadModel, list[PreferencePair] | None, int]:
     """The Bradley-Terry training of `run_reward_model` (a copy of `body` + a scalar head);
     returns the loop's last row, the model, the held-out pairs and the training pair count."""  # fmt: skip
+    seed, device = job.seed, torch.device(job.device)
     gen = torch.Generator().manual_seed(seed)
     model = ScalarHeadModel(copy.deepcopy(body), generator=gen).to(device)
     block, pad = model.config.block_size, tok.eot_id
@@ -524,19 +525,23 @@ def train_reward_model(
                         model_config=to_dict(body.config), tokenizer=tok.to_dict(),
                         config=provenance_)  # fmt: skip
     last = train(
-        model, loop=LoopConfig.from_config(cfg, desc="reward model", resume=resume),
-        get_batch=get_batch, loss_fn=loss_fn, ckpt_path=out_dir / "checkpoint.pt",
-        metrics_path=out_dir / "metrics.jsonl",
+        model, loop=LoopConfig.from_config(cfg, desc="reward model"), job=job,
+        get_batch=get_batch, loss_fn=loss_fn,
         checkpoint_extra={**extra, "normalization": None, "pooling": cfg.pooling},
-        eval_fn=eval_fn if eval_data is not None else None, stop_after=stop_after,
-        progress=progress, keep_best="accuracy" if eval_data is not None else None,
+        eval_fn=eval_fn if eval_data is not None else None,
+        keep_best="accuracy" if eval_data is not None else None,
     )  # fmt: skip
     return last, model, eval_list, len(train_data)
 
 
 def normalise(
-    model: ScalarHeadModel, tok: Tokenizer, policy: GPT, ckpt_path: Path, ckpt: dict[str, Any],
-    cfg: RewardModelConfig, seed: int,
+    model: ScalarHeadModel,
+    tok: Tokenizer,
+    policy: GPT,
+    ckpt_path: Path,
+    ckpt: dict[str, Any],
+    cfg: RewardModelConfig,
+    seed: int,
 ) -> tuple[RewardModel, torch.Tensor]:
     """Gain and bias so the reward has mean 0 and std 1 on SFT samples of the training
     prompts (lm-human-preferences), written into the checkpoint; returns the normalised
@@ -556,10 +561,9 @@ def normalise(
 
 def _reward_model(ctx: Context, resume: bool) -> dict[str, Any]:
     held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
-    s = run_reward_model(sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
-                         eval_pairs=held_out, out_dir=ctx.paths.rm_dir, cfg=ctx.cfg["rm"],
-                         seed=ctx.run.seed, device=ctx.device, resume=resume,
-                         progress=ctx.progress)  # fmt: skip
+    job = Job(ctx.paths.rm_dir, ctx.run.seed, ctx.device, resume, ctx.progress)
+    s = run_reward_model(ctx.cfg["rm"], job, sft_path=ctx.paths.sft,
+                         train_pairs=ctx.paths.train_pairs, eval_pairs=held_out)  # fmt: skip
     rep = s.get("report") or {}
     keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "spearman")
     return {**{k: rep.get(k) for k in keep}, "best_step": s.get("best_step"),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from minidpo.errors import MinidpoError
-from minidpo.model import GPT
+from minidpo.model import GPT, GPTConfig
 from minidpo.tokenizer import Tokenizer
 from minidpo.world import format_prompt
 
@@ -67,6 +67,39 @@ class KVCache:
         return k, v
 
 
+def check_generate_args(
+    config: GPTConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eot_id: int,
+    seeds: Sequence[int],
+    temperature: float,
+    top_k: int | None,
+) -> None:
+    """`generate`'s arguments, each checked: one MinidpoError naming the first bad one."""  # fmt: skip
+    if len(seeds) != len(prompts):
+        raise MinidpoError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    if max_new_tokens < 1:
+        raise MinidpoError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise MinidpoError(f"generate: temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise MinidpoError(f"generate: top_k must be >= 1 or None, got {top_k}")
+    V, block_size = config.vocab_size, config.block_size
+    if not 0 <= eot_id < V:
+        raise MinidpoError(f"generate: eot_id {eot_id} is outside the vocabulary [0, {V})")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise MinidpoError(f"generate: prompt {i} is empty")
+        if len(p) + max_new_tokens > block_size:
+            raise MinidpoError(
+                f"generate: prompt {i} has {len(p)} tokens + max_new_tokens "
+                f"{max_new_tokens} > block_size {block_size}"
+            )
+        if min(p) < 0 or max(p) >= V:
+            raise MinidpoError(f"generate: prompt {i} has a token id outside [0, {V})")
+
+
 @torch.no_grad()
 def generate(
     model: GPT,
@@ -90,27 +123,7 @@ def generate(
     its output depends only on (prompt, seed), never on the rest of the batch.
     ``temperature == 0`` is greedy. The model is put in eval mode while sampling.
     """
-    if len(seeds) != len(prompts):
-        raise MinidpoError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
-    if max_new_tokens < 1:
-        raise MinidpoError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise MinidpoError(f"generate: temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise MinidpoError(f"generate: top_k must be >= 1 or None, got {top_k}")
-    V, block_size = model.config.vocab_size, model.config.block_size
-    if not 0 <= eot_id < V:
-        raise MinidpoError(f"generate: eot_id {eot_id} is outside the vocabulary [0, {V})")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise MinidpoError(f"generate: prompt {i} is empty")
-        if len(p) + max_new_tokens > block_size:
-            raise MinidpoError(
-                f"generate: prompt {i} has {len(p)} tokens + max_new_tokens "
-                f"{max_new_tokens} > block_size {block_size}"
-            )
-        if min(p) < 0 or max(p) >= V:
-            raise MinidpoError(f"generate: prompt {i} has a token id outside [0, {V})")
+    check_generate_args(model.config, prompts, max_new_tokens, eot_id, seeds, temperature, top_k)
     if not prompts:
         return []
 

@@ -29,7 +29,11 @@ STREAMS: dict[str, tuple[int, str, str]] = {
     "ppo/prompts": (3, "rng", "the training prompts of PPO iteration i"),
     "ppo/rollout": (4, "seed", "the sampling seeds of PPO iteration i's rollouts"),
     "ppo/minibatches": (5, "rng", "the minibatch order of PPO iteration i"),
-    "ppo/eval": (7, "seed", "the held-out samples of every PPO evaluation (the same draw each time)"),
+    "ppo/eval": (
+        7,
+        "seed",
+        "the held-out samples of every PPO evaluation (the same draw each time)",
+    ),
     "prefs/labels": (4, "rng", "the Bradley-Terry coin flips of preference round k"),
     "prefs/samples": (17, "offset1000", "SFT samples of preference round k: seed * 1000 + 17 + k"),
     "eval/samples": (12345, "offset", "held-out samples of every evaluated policy"),

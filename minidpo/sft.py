@@ -33,7 +33,7 @@ from minidpo.paths import RunPaths
 from minidpo.seeds import stream
 from minidpo.stage import Context, Stage
 from minidpo.tokenizer import Tokenizer, coverage_problem, train_bpe
-from minidpo.training import LoopConfig, resolve_device, train
+from minidpo.training import Job, LoopConfig, resolve_device, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
 
 
@@ -102,6 +102,40 @@ def tokenize_demos(tok: Tokenizer, demos: list) -> tuple[list[list[int]], list[l
     return prompts, responses
 
 
+@torch.no_grad()
+def mean_lm_loss(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    batch_size: int = 128,
+) -> float:
+    """Token-weighted mean cross-entropy of `model` on the responses (the quantity trained)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0.0
+    for s in range(0, len(prompts), batch_size):
+        b = build_batch(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id=pad_id)
+        b = b.to(device)
+        n = float(b.mask.sum())
+        total += lm_loss(model(b.input_ids), b).item() * n
+        count += n
+    return total / count
+
+
+def sft_data(world: World, tok: Tokenizer, cfg: SFTConfig, seed: int, block_size: int):
+    """((prompt ids, response ids) of the training demonstrations, the same of the held-out
+    ones); a demonstration longer than the context is an error naming ``--block-size``."""
+    train_demos, eval_demos = demonstrations(world, cfg, seed)
+    train_p, train_r = tokenize_demos(tok, train_demos)
+    eval_p, eval_r = tokenize_demos(tok, eval_demos)
+    longest = max(len(p) + len(r) for p, r in zip(train_p + eval_p, train_r + eval_r, strict=True))
+    if longest - 1 > block_size:
+        raise MinidpoError(
+            f"--block-size {block_size}: the longest demonstration needs {longest - 1}"
+        )
+    return (train_p, train_r), (eval_p, eval_r)
+
+
 def demonstrations(world: World, cfg: SFTConfig, seed: int) -> tuple[list, list]:
     """The SFT data of a run: (training, held-out) demonstrations, drawn from one
     generator seeded by (seed, 1), training prompts first."""
@@ -135,14 +169,7 @@ def run_sft(
     gpt_cfg = GPTConfig(vocab_size=tok.vocab_size, **to_dict(model_cfg))
     model = GPT(gpt_cfg).to(device)
 
-    train_demos, eval_demos = demonstrations(world, cfg, run.seed)
-    train_p, train_r = tokenize_demos(tok, train_demos)
-    eval_p, eval_r = tokenize_demos(tok, eval_demos)
-    longest = max(len(p) + len(r) for p, r in zip(train_p + eval_p, train_r + eval_r, strict=False))
-    if longest - 1 > gpt_cfg.block_size:
-        raise MinidpoError(
-            f"--block-size {gpt_cfg.block_size}: the longest demonstration needs {longest - 1}"
-        )
+    (train_p, train_r), (eval_p, eval_r) = sft_data(world, tok, cfg, run.seed, gpt_cfg.block_size)
 
     def get_batch(step: int) -> Batch:
         rng = stream(run.seed, "sft/batch", step)  # the batch depends on (seed, step) only
@@ -159,28 +186,20 @@ def run_sft(
         return loss, {"loss": loss.item(), "tokens": batch.n_tokens}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        total, count = 0.0, 0.0
-        for s in range(0, len(eval_p), 128):
-            b = build_batch(eval_p[s : s + 128], eval_r[s : s + 128], pad_id=tok.eot_id).to(device)
-            n = float(b.mask.sum())
-            total += lm_loss(m(b.input_ids), b).item() * n
-            count += n
-        return {"loss": total / count}
+        return {"loss": mean_lm_loss(m, eval_p, eval_r, tok.eot_id)}
 
-    loop = LoopConfig.from_config(cfg, desc="sft", resume=resume)
+    job = Job(out, run.seed, device, resume, progress, stop_after)
+    extra = stage_state(kind="policy", stage="sft", model_config=to_dict(gpt_cfg),
+                        tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
     t0 = time.perf_counter()
     last = train(
         model,
-        loop=loop,
+        loop=LoopConfig.from_config(cfg, desc="sft"),
+        job=job,
         get_batch=get_batch,
         loss_fn=loss_fn,
-        ckpt_path=out / "checkpoint.pt",
-        metrics_path=out / "metrics.jsonl",
-        checkpoint_extra=stage_state(kind="policy", stage="sft", model_config=to_dict(gpt_cfg),
-                                     tokenizer=tok.to_dict(), config=stage_config),
+        checkpoint_extra=extra,
         eval_fn=eval_fn,
-        stop_after=stop_after,
-        progress=progress,
     )
     summary = {
         "steps": cfg.steps,
@@ -210,7 +229,8 @@ def _sft(ctx: Context, resume: bool) -> dict[str, Any]:
 
 
 TOKENIZER_STAGE = Stage("tokenizer", _tokenizer, ("tokenizer",), (), inputs=lambda c: [],
-                        outputs=lambda c: [c.paths.tokenizer])  # fmt: skip
+                        outputs=lambda c: [c.paths.tokenizer],
+                        check=lambda c: world_tokenizer(c.cfg["tokenizer"], load_world()) and None)  # fmt: skip
 SFT_STAGE = Stage("sft", _sft, ("tokenizer", "model", "sft"), ("tokenizer",),
                   inputs=lambda c: [c.paths.tokenizer],
                   outputs=lambda c: [c.paths.sft_dir / "checkpoint.pt"])  # fmt: skip

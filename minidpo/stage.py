@@ -15,7 +15,9 @@ commands (`minidpo sft`, `minidpo dpo`, ...) alike:
 - **rerun from scratch** otherwise (first run, changed settings or inputs, a damaged
   output, or ``--force``): ``resume=False``, and the stage overwrites its outputs.
 
-A stage never decides this itself: trainers take ``resume`` and checkpoint; the
+Bad input is refused before anything is written: the key reads every input (a
+missing or unreadable one is one error naming it), and the stage's `check` runs
+before the ``.started`` stamp. A stage never decides this itself: trainers take ``resume`` and checkpoint; the
 stamp says what was done. Adding a method is one stage file with its `Stage`, plus
 one entry in the pipeline's table (docs/ARCHITECTURE.md shows the diff it took).
 """
@@ -78,6 +80,10 @@ def _none(ctx: Context) -> Any:
     return None
 
 
+def _nothing_to_check(ctx: Context) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage: ``fn(ctx, resume)`` writes `outputs` from `inputs` and returns a summary."""
@@ -89,6 +95,7 @@ class Stage:
     inputs: Callable[[Context], list[Path]]  # files it reads: their content is in its key
     outputs: Callable[[Context], list[Path]]  # files whose hash identifies its result
     extra_key: Callable[[Context], Any] = _none  # settings outside its groups
+    check: Callable[[Context], None] = _nothing_to_check  # bad input: raise before any write
 
 
 def read_stamp(path: Path) -> dict[str, Any] | None:
@@ -144,6 +151,7 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
         ctx.log(f"[{stage.name}] up to date ({old['cost']['wall_s']:.1f} s when run)")
         stamps[stage.name] = old
         return old
+    stage.check(ctx)  # one clear error, and nothing written yet
     path = ctx.paths.stamp(stage.name)
     started = read_stamp(path.with_suffix(".started"))
     resume = stage.name not in ctx.force and started is not None and started.get("key") == key

@@ -122,14 +122,31 @@ class LoopConfig:
     grad_clip: float
     eval_every: int
     ckpt_every: int
-    resume: bool = False
+    snapshot_every: int = 0  # > 0: weights saved every that many steps (the frontier's points)
     desc: str = "train"
 
     @classmethod
-    def from_config(cls, cfg: Any, *, desc: str, resume: bool) -> LoopConfig:
-        """The loop settings of a stage config (SFTConfig, DPOConfig, ...), read by name."""
-        shared = [f.name for f in fields(cls) if f.name not in ("resume", "desc")]
-        return cls(**{name: getattr(cfg, name) for name in shared}, resume=resume, desc=desc)
+    def from_config(cls, cfg: Any, *, desc: str) -> LoopConfig:
+        """The loop settings of a stage config (SFTConfig, DPOConfig, ...), read by name
+        (``snapshot_every`` where the config has one)."""
+        shared = [f.name for f in fields(cls) if f.name not in ("snapshot_every", "desc")]
+        return cls(**{name: getattr(cfg, name) for name in shared},
+                   snapshot_every=getattr(cfg, "snapshot_every", 0), desc=desc)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every trainer takes besides its config and inputs: where it writes (`out_dir`:
+    checkpoint.pt, metrics.jsonl, summary.json, snapshots/), its seed and device, whether it
+    continues from the checkpoint there (`resume`, decided by the stage layer), a progress
+    bar, and `stop_after` (end after that many steps, as if killed: the resume tests)."""
+
+    out_dir: Path
+    seed: int
+    device: torch.device | str = "cpu"
+    resume: bool = False
+    progress: bool = True
+    stop_after: int | None = None
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
@@ -179,6 +196,7 @@ def train(
     model: torch.nn.Module,
     *,
     loop: LoopConfig,
+    job: Job,
     get_batch: Callable[[int], Any],
     loss_fn: LossFn,
     **kwargs: Any,
@@ -192,24 +210,25 @@ def train(
     """
     optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
     step_fn = gradient_step(model, optimizer, loop, get_batch, loss_fn)
-    return run_loop(model, optimizer, step_fn, loop=loop, **kwargs)
+    return run_loop(model, optimizer, step_fn, loop=loop, job=job, **kwargs)
 
 
 class _LoopState:
     """What `run_loop` carries from step to step and across a resume: the step reached,
     the counters, the best evaluation so far; and how it evaluates and checkpoints."""
 
-    def __init__(self, model, optimizer, loop, ckpt_path, extra, eval_fn, carried, counters,
+    def __init__(self, model, optimizer, job, extra, eval_fn, carried, counters,
                  keep_best) -> None:  # fmt: skip
         if keep_best is not None and eval_fn is None:
             raise ValueError("train: keep_best needs an eval_fn to choose by")
-        self.model, self.optimizer, self.ckpt_path, self.extra = model, optimizer, ckpt_path, extra
+        self.model, self.optimizer, self.extra = model, optimizer, extra
+        self.ckpt_path = ckpt_path = Path(job.out_dir) / "checkpoint.pt"
         self.eval_fn, self.carried, self.keep_best = eval_fn, carried, keep_best
         self.best_metric = None if keep_best is None else f"eval/{keep_best}"
         self.start, self.elapsed_before = 0, 0.0
         self.totals = {name: 0 for name in counters.values()}
         self.best: BestWeights | None = None
-        if loop.resume and ckpt_path.exists():
+        if job.resume and ckpt_path.exists():
             self._restore()
         else:
             shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
@@ -272,17 +291,13 @@ def run_loop(
     step_fn: StepFn,
     *,
     loop: LoopConfig,
-    ckpt_path: str | Path,
-    metrics_path: str | Path,
+    job: Job,
     checkpoint_extra: dict[str, Any],
     eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     eval_at_start: bool = False,
     carried: dict[str, Carried] | None = None,
     counters: dict[str, str] | None = None,
-    stop_after: int | None = None,
-    progress: bool = True,
     postfix: Sequence[str] = ("train/loss",),
-    snapshot_every: int = 0,
     keep_best: str | None = None,
 ) -> dict[str, Any]:
     """The loop every trainer shares; returns the last row (+ wall_s, tokens_per_s, best_*).
@@ -291,11 +306,12 @@ def run_loop(
     every `loop.eval_every` steps (and at the last) ``eval/<k>`` of `eval_fn` is added;
     `eval_at_start` logs a row ``{"step": 0, eval/...}`` first. `counters` maps a per-step
     key to a cumulative one (default ``tokens`` to ``tokens``), logged and checkpointed.
-    The checkpoint (model, optimizer, step, counters, `checkpoint_extra`, each `carried`
-    state) is rewritten every `ckpt_every` steps and at the end with ``done=True``; with
-    ``loop.resume`` a run continues from it. `stop_after` ends the loop (as if killed)
-    after that many steps. `snapshot_every` > 0 saves the weights to
-    ``snapshots/step-NNNNNN.pt`` (the frontier's points). Rows log ``time/elapsed``.
+    The checkpoint ``job.out_dir/checkpoint.pt`` (model, optimizer, step, counters,
+    `checkpoint_extra`, each `carried` state) is rewritten every `ckpt_every` steps and at
+    the end with ``done=True``; with ``job.resume`` a run continues from it, and
+    ``job.stop_after`` ends the loop (as if killed) after that many steps. Rows go to
+    ``metrics.jsonl`` and log ``time/elapsed``; ``loop.snapshot_every`` > 0 saves the
+    weights to ``snapshots/step-NNNNNN.pt`` (the frontier's points).
 
     `keep_best` names a key of `eval_fn`'s dict (``"accuracy"``) to maximise: the final
     checkpoint holds the weights of the best evaluation (ties: the earliest; NaN loses),
@@ -304,16 +320,18 @@ def run_loop(
     and returned dict record ``best_metric`` (``"eval/accuracy"``), ``best_step``, ``best_value``.
     """
     counters = {"tokens": "tokens"} if counters is None else counters
-    state = _LoopState(model, optimizer, loop, Path(ckpt_path), checkpoint_extra, eval_fn,
-                       carried or {}, counters, keep_best)  # fmt: skip
-    log = MetricsLog(metrics_path, resume_step=state.start)
+    state = _LoopState(model, optimizer, job, checkpoint_extra, eval_fn, carried or {},
+                       counters, keep_best)  # fmt: skip
+    log = MetricsLog(Path(job.out_dir) / "metrics.jsonl", resume_step=state.start)
+    stop_after, snapshot_every = job.stop_after, loop.snapshot_every
     if eval_at_start and state.start == 0 and eval_fn is not None:
         first: dict[str, Any] = {"step": 0}
         state.evaluate(first, 0)
         log.log({k: v for k, v in first.items() if k != "time/eval"})
     last: dict[str, Any] = dict(log.rows[-1]) if log.rows else {}
     reached, ran = state.start, 0
-    bar = tqdm(range(state.start, loop.steps), desc=loop.desc, disable=not progress, leave=False)
+    bar = tqdm(range(state.start, loop.steps), desc=loop.desc, disable=not job.progress,
+               leave=False)  # fmt: skip
     for step in bar:
         row = {"step": step + 1, **step_fn(step)}
         reached, ran = step + 1, ran + 1
@@ -326,7 +344,9 @@ def run_loop(
         log.log(row)
         last = row
         if snapshot_every > 0 and reached % snapshot_every == 0:
-            save_snapshot(state.ckpt_path.parent, checkpoint_extra, model, reached, row["time/elapsed"])
+            save_snapshot(
+                state.ckpt_path.parent, checkpoint_extra, model, reached, row["time/elapsed"]
+            )
         bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in postfix if k in row})
         stopping = stop_after is not None and ran >= stop_after
         if reached == loop.steps or reached % loop.ckpt_every == 0 or stopping:
@@ -372,5 +392,3 @@ def improves(value: float, best: float | None) -> bool:
 def copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the model's state_dict (same devices), immune to later steps."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-

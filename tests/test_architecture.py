@@ -10,7 +10,9 @@
 2. Functions of a readable size: none longer than 80 lines (the `def` line to the last line),
    except the argument parser `cli.build_parser`, which is one long declaration.
 3. Nothing pasted twice: no run of 6 or more code lines (blank lines, comments and docstrings
-   left out) appears at two places; a second copy is a second place to fix every bug.
+   left out) appears at two places; a second copy is a second place to fix every bug. Runs of
+   declarations only (imports; a function's signature, which repeats by design when two
+   classes implement one interface, as nn.Module's `forward`) do not count.
 
 The checkers take the package folder (and the markdown file holding the table) as arguments,
 so the tests at the bottom can run them on small fake packages written into tmp_path.
@@ -214,13 +216,16 @@ def _functions(tree: ast.AST, prefix: str = ""):
 
 
 def _code_lines(source: str) -> list[tuple[int, str, bool]]:
-    """(line number, stripped text, is part of an import) for each line of code: blank lines,
-    comment-only lines and docstrings are left out."""
+    """(line number, stripped text, is a declaration: part of an import or of a function's
+    signature) for each line of code: blank lines, comment-only lines and docstrings are
+    left out."""
     skip, import_lines = set(), set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             import_lines.update(range(node.lineno, node.end_lineno + 1))
-        elif isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            import_lines.update(range(node.lineno, node.body[0].lineno))  # def ... ):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             if ast.get_docstring(node, clean=False) is not None:
                 skip.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
     return [
@@ -232,7 +237,8 @@ def _code_lines(source: str) -> list[tuple[int, str, bool]]:
 
 def duplicates(pkg: Path, size: int = MIN_DUPLICATE_LINES) -> list[str]:
     """`fileA:a1-a2 == fileB:b1-b2` for each maximal run of `size` or more code lines that
-    appears at two places; runs of only closing brackets, or only imports, do not count."""
+    appears at two places; runs of only closing brackets, or only declarations (imports,
+    function signatures), do not count."""
     code = {
         f"{pkg.name}/{path.name}": _code_lines(path.read_text())
         for path in sorted(pkg.glob("*.py"))
@@ -241,7 +247,7 @@ def duplicates(pkg: Path, size: int = MIN_DUPLICATE_LINES) -> list[str]:
     for file, lines in code.items():
         for i in range(len(lines) - size + 1):
             window = lines[i : i + size]
-            if all(is_import for *_, is_import in window):
+            if all(declaration for *_, declaration in window):
                 continue
             if all(CLOSING.fullmatch(text) for _, text, _ in window):
                 continue
@@ -472,6 +478,24 @@ def test_duplicate_within_one_file_is_reported(tmp_path):
     block = "".join(f"v = f(v, {i})\n" for i in range(6))
     pkg = _package(tmp_path, {"a.py": f"{block}print(v)\n{block}"})
     assert duplicates(pkg) == ["fake/a.py:1-6 == fake/a.py:8-13"]
+
+
+def test_a_repeated_signature_is_not_reported_but_a_repeated_body_is(tmp_path):
+    signature = (
+        "    def forward(\n        self,\n        x: int,\n        mask: int | None = None,\n"
+        "        cache: object = None,\n    ) -> int:\n"
+    )
+    body = "".join(f"        x = f(x, {i})\n" for i in range(6)) + "        return x\n"
+    same_signature = (
+        f"class A:\n{signature}        return x\n\n\nclass B:\n{signature}        return -x\n"
+    )
+    (tmp_path / "s").mkdir()
+    (tmp_path / "b").mkdir()
+    assert duplicates(_package(tmp_path / "s", {"a.py": same_signature})) == []
+    same_body = f"class A:\n{signature}{body}\n\nclass B:\n    def g(self, x):\n{body}"
+    assert duplicates(_package(tmp_path / "b", {"a.py": same_body})) == [
+        "fake/a.py:8-14 == fake/a.py:19-25"
+    ]
 
 
 def test_short_or_trivial_repeats_are_not_reported(tmp_path):

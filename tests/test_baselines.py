@@ -18,7 +18,7 @@ from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, save_pairs
 from minidpo.sampling import sample_responses
 from minidpo.scoring import oracle_scores
-from minidpo.training import read_metrics
+from minidpo.training import Job, read_metrics
 from minidpo.world import load_world
 
 PROMPTS = ["Explain gravity.", "What is gravity?", "Explain photosynthesis."]
@@ -98,16 +98,8 @@ def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, 
     evals = save_pairs(tmp_path / "eval.jsonl", _pairs("eval", 8))
     cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5)
     out = tmp_path / "preferred_ft"
-    summary = run_preferred_ft(
-        sft_path=tiny_sft,
-        train_pairs=train,
-        eval_pairs=evals,
-        out_dir=out,
-        cfg=cfg,
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    job = Job(out, 0, "cpu", progress=False)
+    summary = run_preferred_ft(cfg, job, sft_path=tiny_sft, train_pairs=train, eval_pairs=evals)
     ckpt = load_checkpoint(out / "checkpoint.pt", kind="policy")
     assert ckpt["stage"] == "preferred_ft" and ckpt["done"] and ckpt["step"] == 10
     tuned, tok = load_policy(out / "checkpoint.pt")  # loadable like any policy
@@ -119,37 +111,24 @@ def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, 
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 10 and "eval/loss" in rows[4] and "eval/loss" in rows[9]
     assert summary["train/loss"] == pytest.approx(rows[-1]["train/loss"], abs=1e-12)
-    # a finished run with the same configuration is skipped
-    mtime = (out / "checkpoint.pt").stat().st_mtime_ns
-    run_preferred_ft(
-        sft_path=tiny_sft,
-        train_pairs=train,
-        out_dir=out,
-        cfg=cfg,
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-    )
-    assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime
 
 
-def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_force_restarts(tiny_sft, tmp_path):
-    """The one rule of every training stage: an interrupted run resumes from its last
-    checkpoint (same weights and metrics as an uninterrupted one), a finished one is
-    skipped, `force` starts afresh."""
+def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_restarts(tiny_sft, tmp_path):
+    """`resume` continues an interrupted run from its last checkpoint (same weights and
+    metrics as an uninterrupted one); without it, the run starts afresh. (Which of the
+    two a rerun does is the stage layer's decision: test_stage.py.)"""
     train = save_pairs(tmp_path / "train.jsonl", _pairs("train", 24))
     cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5,
                             ckpt_every=2)  # fmt: skip
 
     def run(out, **kw):
-        return run_preferred_ft(sft_path=tiny_sft, train_pairs=train, eval_pairs=None,
-                                out_dir=out, cfg=cfg, seed=0, device=torch.device("cpu"),
-                                progress=False, **kw)  # fmt: skip
+        job = Job(out, 0, "cpu", progress=False, **kw)
+        return run_preferred_ft(cfg, job, sft_path=tiny_sft, train_pairs=train, eval_pairs=None)
 
     run(tmp_path / "full")
     run(tmp_path / "cut", stop_after=5)
     assert not load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["done"]
-    run(tmp_path / "cut")  # the same call again: resumes at step 5
+    run(tmp_path / "cut", resume=True)  # on from step 5
     full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert cut["done"] and cut["step"] == 10
@@ -160,7 +139,7 @@ def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_force_restarts(ti
     assert strip == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in
                      read_metrics(tmp_path / "cut" / "metrics.jsonl")]  # fmt: skip
     mtime = (tmp_path / "cut" / "checkpoint.pt").stat().st_mtime_ns
-    run(tmp_path / "cut", force=True)  # afresh: rewritten, same numbers
+    run(tmp_path / "cut")  # afresh: rewritten, same numbers
     assert (tmp_path / "cut" / "checkpoint.pt").stat().st_mtime_ns != mtime
     again = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     for k in full["model"]:

@@ -12,8 +12,8 @@ from minidpo.dpo import run_dpo
 from minidpo.errors import MinidpoError
 from minidpo.losses import LOSS_TYPES
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, save_pairs
-from minidpo.training import read_metrics
+from minidpo.preferences import PreferencePair, load_pairs, save_pairs, tokenize_pairs
+from minidpo.training import Job, read_metrics
 from minidpo.world import load_world
 
 TRL_NAMES = [
@@ -54,17 +54,9 @@ def _cfg(**kw):
 
 def _run(tiny_sft, pair_files, out, **kw):
     train, evals = pair_files
-    return run_dpo(
-        sft_path=tiny_sft,
-        train_pairs=train,
-        eval_pairs=evals,
-        out_dir=out,
-        cfg=_cfg(**kw),
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-        **{k: v for k, v in kw.items() if k in ("stop_after", "force")},
-    )
+    job = Job(out, 0, "cpu", progress=False,
+              **{k: v for k, v in kw.items() if k in ("stop_after", "resume")})  # fmt: skip
+    return run_dpo(_cfg(**kw), job, sft_path=tiny_sft, train_pairs=train, eval_pairs=evals)
 
 
 def test_metrics_names_and_first_step_known_answer(tiny_sft, pair_files, tmp_path):
@@ -91,8 +83,8 @@ def test_reference_logps_computed_once_and_recomputed_on_change(
         fresh[-1].write_bytes(f.read_bytes())
     pair_files = tuple(fresh)
     calls = []
-    real = dpo_mod.build_policy
-    monkeypatch.setattr(dpo_mod, "build_policy", lambda c: calls.append(1) or real(c))
+    real = dpo_mod.load_policy
+    monkeypatch.setattr(dpo_mod, "load_policy", lambda *a: calls.append(1) or real(*a))
     _run(tiny_sft, pair_files, tmp_path / "a", steps=2)
     assert len(calls) == 3  # the policy, then the reference for train and for eval pairs
     calls.clear()
@@ -102,24 +94,15 @@ def test_reference_logps_computed_once_and_recomputed_on_change(
     edited = tmp_path / "edited.jsonl"
     edited.write_text(train.read_text().replace("Gravity", "Gravity", 1) + "\n")
     calls.clear()
-    run_dpo(
-        sft_path=tiny_sft,
-        train_pairs=edited,
-        eval_pairs=evals,
-        out_dir=tmp_path / "c",
-        cfg=_cfg(steps=2),
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    job = Job(tmp_path / "c", 0, "cpu", progress=False)
+    run_dpo(_cfg(steps=2), job, sft_path=tiny_sft, train_pairs=edited, eval_pairs=evals)
     assert len(calls) == 2  # new pairs file: its reference log-probs recomputed
 
 
 def test_cached_reference_equals_fresh_computation(tiny_sft, pair_files):
     train, _ = pair_files
-    ckpt = load_checkpoint(tiny_sft)
-    model, tok = dpo_mod.build_policy(ckpt)
-    data = dpo_mod.tokenize_pairs(dpo_mod.load_pairs(train)[0], tok, model.config.block_size, "x")
+    model, tok = load_policy(tiny_sft)
+    data = tokenize_pairs(load_pairs(train)[0], tok, model.config.block_size, "x")
     c, r = dpo_mod.reference_logps(train, tiny_sft, data, tok.eot_id, torch.device("cpu"))
     c2, r2 = dpo_mod.compute_logps(model, data, tok.eot_id)
     torch.testing.assert_close(c, c2, atol=1e-5, rtol=1e-6)
@@ -130,7 +113,7 @@ def test_resume_after_stop_equals_uninterrupted(tiny_sft, pair_files, tmp_path):
     _run(tiny_sft, pair_files, tmp_path / "full")
     _run(tiny_sft, pair_files, tmp_path / "cut", stop_after=4)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 4
-    _run(tiny_sft, pair_files, tmp_path / "cut")  # same command again: resumes
+    _run(tiny_sft, pair_files, tmp_path / "cut", resume=True)  # on from step 4
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     for k in a:
@@ -153,14 +136,6 @@ def test_bad_input(tiny_sft, pair_files, tmp_path):
         tmp_path / "long.jsonl", [PreferencePair("Explain gravity.", "Gravity. " * 200, "No.")]
     )
     with pytest.raises(MinidpoError, match=r"long.jsonl: pair 1 needs \d+ tokens"):
-        run_dpo(
-            sft_path=tiny_sft,
-            train_pairs=long,
-            eval_pairs=None,
-            out_dir=tmp_path / "y",
-            cfg=_cfg(),
-            seed=0,
-            device=torch.device("cpu"),
-            progress=False,
-        )
+        job = Job(tmp_path / "y", 0, "cpu", progress=False)
+        run_dpo(_cfg(), job, sft_path=tiny_sft, train_pairs=long, eval_pairs=None)
     assert not (tmp_path / "y").exists()  # nothing half-written

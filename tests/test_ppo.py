@@ -14,7 +14,7 @@ from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig, run_ppo, tempered_logprobs
 from minidpo.scoring import oracle_scores
-from minidpo.training import read_metrics
+from minidpo.training import Job, read_metrics
 
 TRL_NAMES = (
     "objective/kl",
@@ -47,10 +47,10 @@ def tiny_cfg(**overrides) -> PPOConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-def ppo(sft_path, out_dir, **kw):
-    kw.setdefault("cfg", tiny_cfg())
+def ppo(sft_path, out_dir, cfg=None, resume=False, stop_after=None, **kw):
     kw.setdefault("score_fn", oracle_scores)
-    return run_ppo(sft_path=sft_path, out_dir=out_dir, seed=0, device="cpu", progress=False, **kw)
+    job = Job(out_dir, 0, "cpu", resume=resume, progress=False, stop_after=stop_after)
+    return run_ppo(cfg or tiny_cfg(), job, sft_path=sft_path, **kw)
 
 
 def without_time(rows):
@@ -105,7 +105,7 @@ def test_resume_after_stop_equals_uninterrupted(sft_path, full_run, tmp_path):
     ppo(sft_path, cut, cfg=tiny_cfg(ckpt_every=10), stop_after=1)
     stopped = load_checkpoint(cut / "checkpoint.pt")
     assert stopped["step"] == 1 and not stopped["done"]
-    ppo(sft_path, cut, cfg=tiny_cfg(ckpt_every=10))  # same config: resumes at iteration 1
+    ppo(sft_path, cut, cfg=tiny_cfg(ckpt_every=10), resume=True)  # on from iteration 1
     full = load_checkpoint(out / "checkpoint.pt")
     resumed = load_checkpoint(cut / "checkpoint.pt")
     for part in ("model", "value_model"):
@@ -118,13 +118,15 @@ def test_resume_after_stop_equals_uninterrupted(sft_path, full_run, tmp_path):
     )
 
 
-def test_finished_run_skipped_and_other_config_refused(sft_path, full_run):
-    out, _ = full_run
-    mtime = (out / "checkpoint.pt").stat().st_mtime_ns
-    assert ppo(sft_path, out)["done_iterations"] == 3
-    assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime
-    with pytest.raises(MinidpoError, match="another configuration"):
-        ppo(sft_path, out, cfg=tiny_cfg(lr=5e-4))
+def test_resuming_a_finished_run_only_rebuilds_its_summary(sft_path, full_run, tmp_path):
+    _, summary = full_run
+    done = tmp_path / "done"
+    ppo(sft_path, done)
+    (done / "summary.json").unlink()
+    again = ppo(sft_path, done, resume=True)  # killed after the last checkpoint: no step left
+    assert again["done_iterations"] == 3 and (done / "summary.json").exists()
+    for key in ("eval_oracle", "eval_kl", "rollout_oracle", "rollout_scores", "tokens_forward"):
+        assert again[key] == summary[key], key
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, -0.1])

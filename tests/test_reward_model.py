@@ -31,7 +31,7 @@ from minidpo.reward_model import (
 )
 from minidpo.sampling import Sample, sample_responses
 from minidpo.tokenizer import train_bpe
-from minidpo.training import read_metrics
+from minidpo.training import Job, read_metrics
 from minidpo.world import load_world
 
 # ------------------------------------------------------------------ pure math
@@ -184,17 +184,10 @@ def _cfg(**kw):
 
 def _run(tiny_sft, files, out, **kw):
     stop_after = kw.pop("stop_after", None)
-    return run_reward_model(
-        sft_path=tiny_sft,
-        train_pairs=files[0],
-        eval_pairs=files[1],
-        out_dir=out,
-        cfg=_cfg(**kw),
-        seed=0,
-        device=torch.device("cpu"),
-        progress=False,
-        stop_after=stop_after,
-    )
+    resume = kw.pop("resume", False)
+    job = Job(out, 0, "cpu", resume=resume, progress=False, stop_after=stop_after)
+    return run_reward_model(_cfg(**kw), job, sft_path=tiny_sft, train_pairs=files[0],
+                            eval_pairs=files[1])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +328,7 @@ def test_unfinished_run_cannot_be_loaded_and_resumes(tiny_sft, pair_files, train
         load_reward_model(out / "checkpoint.pt")
     stopped = load_checkpoint(out / "checkpoint.pt")
     assert stopped["step"] == 5 and stopped["best_step"] == 3 and "best_model" in stopped
-    _run(tiny_sft, pair_files, out)
+    _run(tiny_sft, pair_files, out, resume=True)
     full = load_checkpoint(trained[0] / "checkpoint.pt")
     resumed = load_checkpoint(out / "checkpoint.pt")
     for k in full["model"]:
@@ -345,7 +338,9 @@ def test_unfinished_run_cannot_be_loaded_and_resumes(tiny_sft, pair_files, train
         assert resumed[key] == full[key], key
 
     def no_time(path):
-        return [{k: v for k, v in r.items() if k != "time/elapsed"} for r in read_metrics(path)]
+        return [
+            {k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(path)
+        ]
 
     assert no_time(out / "metrics.jsonl") == no_time(trained[0] / "metrics.jsonl")
 

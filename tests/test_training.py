@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
+from minidpo.checkpoints import load_checkpoint, save_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.training import (
+    Job,
     LoopConfig,
     MetricsLog,
     improves,
-    load_checkpoint,
     lr_at,
     read_metrics,
     resolve_device,
-    save_checkpoint,
     train,
 )
 
@@ -112,11 +112,11 @@ def _toy_train(out, *, stop_after=None, resume=False, keep_best="score", snapsho
         return {"score": float(torch.sin(8.0 * m.weight.sum()))}
 
     loop = LoopConfig(steps=12, lr=0.05, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                      grad_clip=0.0, eval_every=2, ckpt_every=4, resume=resume)  # fmt: skip
+                      grad_clip=0.0, eval_every=2, ckpt_every=4, snapshot_every=snapshot_every)  # fmt: skip
+    job = Job(out, 0, resume=resume, progress=False, stop_after=stop_after)
     last = train(
-        model, loop=loop, get_batch=get_batch, loss_fn=loss_fn, ckpt_path=out / "ckpt.pt",
-        metrics_path=out / "metrics.jsonl", checkpoint_extra={"kind": "toy"}, eval_fn=eval_fn,
-        stop_after=stop_after, progress=False, snapshot_every=snapshot_every, keep_best=keep_best,
+        model, loop=loop, job=job, get_batch=get_batch, loss_fn=loss_fn,
+        checkpoint_extra={"kind": "toy"}, eval_fn=eval_fn, keep_best=keep_best,
     )  # fmt: skip
     return model, last
 
@@ -138,7 +138,7 @@ def test_keep_best_ends_with_the_weights_of_the_best_evaluation(tmp_path):
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     want_step = rows[scores.index(max(scores))]["step"]  # index(): the earliest of ties
     assert want_step != 12, f"the toy run must peak before its end to test anything: {scores}"
-    ckpt = load_checkpoint(tmp_path / "ckpt.pt", kind="toy")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt", kind="toy")
     assert ckpt["done"] and ckpt["step"] == 12 and "best_model" not in ckpt
     assert (ckpt["best_metric"], ckpt["best_step"]) == ("eval/score", want_step)
     assert ckpt["best_value"] == max(scores)
@@ -151,7 +151,7 @@ def test_keep_best_ends_with_the_weights_of_the_best_evaluation(tmp_path):
     assert not torch.equal(at_best["weight"], at_end["weight"])
     # without keep_best the same run ends with its last weights
     _toy_train(tmp_path / "plain", keep_best=None)
-    plain = load_checkpoint(tmp_path / "plain" / "ckpt.pt")
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")
     assert "best_step" not in plain
     torch.testing.assert_close(plain["model"]["weight"], at_end["weight"], atol=0, rtol=0)
 
@@ -161,16 +161,16 @@ def test_keep_best_resume_after_kill_equals_uninterrupted(tmp_path):
     at step 6 seen, then lost): the resumed run chooses as the full one. The best (step 2)
     lies before the checkpoint, so a resume that forgot it would pick step 12 instead."""
     _toy_train(tmp_path / "full")
-    full = load_checkpoint(tmp_path / "full" / "ckpt.pt")
+    full = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     cut = tmp_path / "cut"
     _toy_train(cut, stop_after=4)
-    at_4 = (cut / "ckpt.pt").read_bytes()
-    assert load_checkpoint(cut / "ckpt.pt")["best_step"] == full["best_step"] == 2
+    at_4 = (cut / "checkpoint.pt").read_bytes()
+    assert load_checkpoint(cut / "checkpoint.pt")["best_step"] == full["best_step"] == 2
     _toy_train(cut, stop_after=3, resume=True)  # on to step 7 ...
-    (cut / "ckpt.pt").write_bytes(at_4)  # ... then killed: only the step-4 checkpoint stands
+    (cut / "checkpoint.pt").write_bytes(at_4)  # ... then killed: only the step-4 checkpoint stands
     assert len(read_metrics(cut / "metrics.jsonl")) == 7
     _toy_train(cut, resume=True)
-    resumed = load_checkpoint(cut / "ckpt.pt")
+    resumed = load_checkpoint(cut / "checkpoint.pt")
     for key in ("step", "done", "best_metric", "best_step", "best_value"):
         assert resumed[key] == full[key], key
     for part in ("model", "optimizer"):
@@ -189,8 +189,8 @@ def test_keep_best_needs_an_eval_metric(tmp_path):
                       grad_clip=0.0, eval_every=1, ckpt_every=1)  # fmt: skip
     kw = dict(
         loop=loop, get_batch=lambda s: torch.ones(1, 2),
-        loss_fn=lambda m, x: (m(x).sum(), {"loss": 0.0}), ckpt_path=tmp_path / "c.pt",
-        metrics_path=tmp_path / "m.jsonl", checkpoint_extra={}, progress=False,
+        loss_fn=lambda m, x: (m(x).sum(), {"loss": 0.0}),
+        job=Job(tmp_path, 0, progress=False), checkpoint_extra={},
     )  # fmt: skip
     with pytest.raises(ValueError, match="needs an eval_fn"):
         train(model, keep_best="accuracy", **kw)
