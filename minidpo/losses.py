@@ -20,6 +20,9 @@ the loss types are (names as in TRL's ``DPOTrainer``):
     "hinge"    SLiC-HF calibration loss (Zhao et al. 2023, arXiv 2305.10425):
                                         relu(1 - beta h)
 
+`bradley_terry_loss` is the reward model's loss that DPO replaces (Eq. 2): the same
+-log sigma of a margin, on an explicit reward r(x, y) instead of beta h.
+
 beta * (log pi - log pi_ref) is the implicit reward of Eq. 5 (up to beta log Z(x),
 which cancels in every pair); it is returned, detached, for logging as TRL's
 ``rewards/chosen`` and ``rewards/rejected``.
@@ -104,3 +107,27 @@ def preference_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return PreferenceLoss(losses, chosen_rewards, rejected_rewards)
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    center_coef: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair reward-model loss (B,) from rewards (B,), (B,).
+
+        -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
+
+    with m the optional margin (Llama 2) and c the centering coefficient (TRL).
+
+    Example: r_w = 1, r_l = 0, no margin -> log(1 + e^-1) = 0.31326.
+    """
+    z = r_chosen - r_rejected  # (B,)
+    if margin is not None:
+        z = z - margin  # Llama 2 margin loss, Touvron et al. 2023, Eq. 2
+    losses = -F.logsigmoid(z)  # Eq. 2, arXiv 2305.18290
+    if center_coef:
+        losses = losses + center_coef * (r_chosen + r_rejected) ** 2  # TRL center_rewards
+    return losses

@@ -8,7 +8,7 @@ same preference pairs as DPO by maximum likelihood under Bradley-Terry:
 
     L_R = -E[ log sigmoid( r(x, y_w) - r(x, y_l) ) ]          (Eq. 2, arXiv 2305.18290)
 
-Two optional terms, both off by default:
+(`minidpo.losses.bradley_terry_loss`, beside the DPO loss that replaces it). Two optional terms, both off by default:
 - ``--margin``: subtract the pair's score margin m = score_chosen - score_rejected
   inside the sigmoid, as in Llama 2's margin loss (Touvron et al. 2023, Eq. 2);
 - ``--center-coef c``: add c * (r_w + r_l)^2, TRL's ``center_rewards_coefficient``
@@ -53,13 +53,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.checkpoints import load_checkpoint, provenance, save_checkpoint, stage_state
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
+from minidpo.losses import bradley_terry_loss
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.oracle import oracle_reward
 from minidpo.policy import load_policy
@@ -150,30 +150,6 @@ def pooled_rewards(values: torch.Tensor, batch: Batch, pooling: str) -> torch.Te
         at_response = torch.cat([torch.zeros_like(batch.mask[:, :1]), batch.mask], dim=1)
         return (values * at_response.to(values.dtype)).sum(dim=1)  # (B,)
     raise MinidpoError(f"--pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
-
-
-def bradley_terry_loss(
-    r_chosen: torch.Tensor,
-    r_rejected: torch.Tensor,
-    *,
-    margin: torch.Tensor | None = None,
-    center_coef: float = 0.0,
-) -> torch.Tensor:
-    """Per-pair reward-model loss (B,) from rewards (B,), (B,).
-
-        -log sigmoid(r_w - r_l - m) + c * (r_w + r_l)^2
-
-    with m the optional margin (Llama 2) and c the centering coefficient (TRL).
-
-    Example: r_w = 1, r_l = 0, no margin -> log(1 + e^-1) = 0.31326.
-    """
-    z = r_chosen - r_rejected  # (B,)
-    if margin is not None:
-        z = z - margin  # Llama 2 margin loss, Touvron et al. 2023, Eq. 2
-    losses = -F.logsigmoid(z)  # Eq. 2, arXiv 2305.18290
-    if center_coef:
-        losses = losses + center_coef * (r_chosen + r_rejected) ** 2  # TRL center_rewards
-    return losses
 
 
 def normalization(raw: Sequence[float] | np.ndarray) -> tuple[float, float]:

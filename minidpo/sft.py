@@ -16,6 +16,7 @@ Outputs under runs/<name>/:
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,12 @@ def run_sft(
     if stop_after is None or last.get("step") == cfg.steps:
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def load_summary(out: Path) -> dict[str, Any]:
+    """The summary.json a finished SFT run wrote (empty if it wrote none)."""
+    path = out / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _tokenizer(ctx: Context, resume: bool) -> dict[str, Any]:

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from minidpo.atomic import atomic_write_text
 from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
+from minidpo.progress import progress
 
 
 def resolve_device(name: str) -> torch.device:
@@ -330,8 +330,8 @@ def run_loop(
         log.log({k: v for k, v in first.items() if k != "time/eval"})
     last: dict[str, Any] = dict(log.rows[-1]) if log.rows else {}
     reached, ran = state.start, 0
-    bar = tqdm(range(state.start, loop.steps), desc=loop.desc, disable=not job.progress,
-               leave=False)  # fmt: skip
+    bar = progress(range(state.start, loop.steps), desc=loop.desc, initial=state.start,
+                   enabled=job.progress)  # fmt: skip
     for step in bar:
         row = {"step": step + 1, **step_fn(step)}
         reached, ran = step + 1, ran + 1

@@ -10,6 +10,7 @@ import torch
 from minidpo.batching import build_batch
 from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
+from minidpo.losses import bradley_terry_loss
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, save_pairs
@@ -17,7 +18,6 @@ from minidpo.reward_model import (
     RewardModel,
     RewardModelConfig,
     average_ranks,
-    bradley_terry_loss,
     build_reward_model,
     load_reward_model,
     normalization,
