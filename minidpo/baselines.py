@@ -38,7 +38,7 @@ from minidpo.sampling import Sample, sample_responses
 from minidpo.scoring import ScoreFn, oracle_breakdowns
 from minidpo.seeds import seed_of, stream
 from minidpo.sft import lm_loss, mean_lm_loss
-from minidpo.stage import Context, Stage, method_config, training_summary
+from minidpo.stage import Context, Method, Stage, method_config, training_summary
 from minidpo.tokenizer import Tokenizer
 from minidpo.training import Job, LoopConfig, train
 from minidpo.world import load_world
@@ -210,6 +210,12 @@ def best_of_n_samples(ctx: Context, resume: bool = False) -> dict[str, Any]:
             "samples_generated": len(prompts) * p.best_of_n,
             "tokens_forward": tokens[0], "tokens_backward": 0}  # fmt: skip
 
+
+PREFERRED_FT_METHOD = Method(
+    "Preferred-FT", preferred_ft_stage(), sweep=lambda c: [0.0],
+    variant=lambda name, _, seed, folder: preferred_ft_stage(name, seed=seed, folder=folder),
+    folder="preferred-ft",
+)  # fmt: skip
 
 BEST_OF_N_STAGE = Stage(
     "best_of_n", best_of_n_samples, ("eval",), ("rm",),

@@ -38,7 +38,7 @@ from minidpo.losses import check_loss_args, preference_loss
 from minidpo.policy import load_policy
 from minidpo.preferences import TokenizedPairs, load_pairs, tokenize_pairs
 from minidpo.seeds import stream
-from minidpo.stage import Context, Stage, method_config, training_summary
+from minidpo.stage import Context, Method, Stage, method_config, training_summary
 from minidpo.training import Job, LoopConfig, train
 
 
@@ -217,3 +217,12 @@ def stage(
     return Stage(name, fn, ("dpo",), ("ref_logps",), inputs=inputs,
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
                  extra_key=lambda c: [overrides, seed])  # fmt: skip
+
+
+METHOD = Method(
+    "DPO", stage("dpo"), key="beta", value=lambda c: c.cfg["dpo"].beta, cost_with=("ref_logps",),
+    sweep=lambda c: c.cfg["pipeline"].floats("sweep_dpo_betas"),
+    variant=lambda name, beta, seed, folder: stage(name, overrides={"beta": beta}, seed=seed,
+                                                   folder=folder),
+    folder="dpo-beta",
+)  # fmt: skip

@@ -33,7 +33,7 @@ from minidpo.policy import build_policy, load_policy
 from minidpo.sampling import Sample, sample_responses
 from minidpo.scoring import oracle_scores
 from minidpo.seeds import seed_of
-from minidpo.stage import Context, Stage
+from minidpo.stage import Context, Method, Stage
 from minidpo.world import load_world
 
 
@@ -46,15 +46,9 @@ def _eval_prompts() -> list[str]:
     return [p.text for p in load_world().prompts("eval")]
 
 
-def policy_dirs(ctx: Context) -> dict[str, Path]:
-    """Method name -> training folder of every trained policy of the pipeline."""
-    c, paths = ctx.cfg, ctx.paths
-    return {
-        "DPO": paths.dpo_dir(c["dpo"].loss, c["dpo"].beta, c["dpo"].label_smoothing),
-        "PPO": paths.ppo_dir("rm", c["ppo"].kl_coef),
-        "PPO-GT": paths.ppo_dir("oracle", c["pipeline"].ppo_gt_kl_coef),
-        "Preferred-FT": paths.preferred_ft_dir,
-    }
+def policy_dirs(ctx: Context, methods: Sequence[Method]) -> dict[str, Path]:
+    """Method name -> training folder of the pipeline's run of each method."""
+    return {m.name: m.stage.outputs(ctx)[0].parent for m in methods}
 
 
 def _point(result, **extra) -> dict[str, Any]:
@@ -135,14 +129,16 @@ def _best_of_n(ctx: Context, sft_rewards: list[float]) -> tuple[EvalResult, list
     return result, rows
 
 
-def evaluate_all(ctx: Context, resume: bool = False) -> dict[str, Any]:
-    """Evaluate every method of the pipeline; writes ``eval/results.json``."""
+def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
+    """Evaluate SFT, every method and Best-of-N; writes ``eval/results.json``. Returns the
+    final reward and KL of each, and what the report needs of the methods: the stages
+    each one's cost counts, and its setting."""
     ev, p = ctx.cfg["eval"], ctx.cfg["pipeline"]
     ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
     final = {"SFT": sft_result.to_dict()}
     rewards = {"SFT": sft_rewards}
     gravity = {"SFT": _gravity(ref, tok, ctx)}
-    for method, folder in policy_dirs(ctx).items():
+    for method, folder in policy_dirs(ctx, methods).items():
         model, _ = load_policy(folder / "checkpoint.pt", ctx.device)
         result, _, r = evaluate_policy(
             model, tok, _eval_prompts(), samples_per_prompt=ev.samples_per_prompt,
@@ -158,7 +154,7 @@ def evaluate_all(ctx: Context, resume: bool = False) -> dict[str, Any]:
     rewards[name] = [x["oracle"] for x in bon[: len(bon) - GRAVITY_SAMPLES]]
     gravity[name] = [{"response": x["response"], "terminated": x["terminated"], "oracle": x["oracle"]}
                      for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
-    frontier = _frontier(ctx, ref, tok, sft_result, sft_rewards)
+    frontier = _frontier(ctx, methods, ref, tok, sft_result, sft_rewards)
     frontier.append({"method": name, "setting": "", "seed": ctx.run.seed, "step": 0,
                      "elapsed_s": 0.0, "reward": bon_result.reward_mean,
                      "reward_se": bon_result.reward_se, "kl": best_of_n_kl(p.best_of_n),
@@ -173,10 +169,13 @@ def evaluate_all(ctx: Context, resume: bool = False) -> dict[str, Any]:
         "reach_margin": p.reach_margin,
     }
     atomic_write_json(ctx.paths.results, out)
-    return {m: {"reward": r["reward_mean"], "kl": r["kl_mean"]} for m, r in final.items()}
+    cost = {m.name: [*m.cost_with, m.stage.name] for m in methods}
+    return {"final": {m: {"reward": r["reward_mean"], "kl": r["kl_mean"]} for m, r in final.items()},
+            "methods": {**cost, name: ["rm", "best_of_n"]},
+            "settings": {m.name: m.setting(ctx) for m in methods}}  # fmt: skip
 
 
-def _frontier(ctx: Context, ref, tok, sft_result, sft_rewards) -> list[dict[str, Any]]:
+def _frontier(ctx: Context, methods, ref, tok, sft_result, sft_rewards) -> list[dict[str, Any]]:
     """Frontier points of the pipeline's own runs (one seed), SFT at the origin."""
     p, ev = ctx.cfg["pipeline"], ctx.cfg["eval"]
     frontier = [_point(sft_result, method="SFT", setting="", seed=ctx.run.seed, step=0,
@@ -188,27 +187,19 @@ def _frontier(ctx: Context, ref, tok, sft_result, sft_rewards) -> list[dict[str,
     else:
         small, small_rewards = sft_result, sft_rewards
     frontier[0].update(reward=small.reward_mean, reward_se=small.reward_se)
-    for method, folder in policy_dirs(ctx).items():
-        frontier += evaluate_snapshots(ctx, folder, method, _setting(ctx, method), ctx.run.seed,
-                                       ref, small_rewards, tok)  # fmt: skip
+    for m in methods:
+        folder = m.stage.outputs(ctx)[0].parent
+        frontier += evaluate_snapshots(ctx, folder, m.name, m.setting(ctx), ctx.run.seed, ref,
+                                       small_rewards, tok)  # fmt: skip
     return frontier
 
 
-def _setting(ctx: Context, method: str) -> str:
-    if method == "DPO":
-        return f"beta={ctx.cfg['dpo'].beta:g}"
-    if method == "PPO":
-        return f"kl={ctx.cfg['ppo'].kl_coef:g}"
-    if method == "PPO-GT":
-        return f"kl={ctx.cfg['pipeline'].ppo_gt_kl_coef:g}"
-    return ""
-
-
-def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) -> list[dict]:
-    """Every snapshot of every sweep run; writes ``sweep/points.json``."""
+def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, Path, int]]) -> list[dict]:
+    """Every snapshot of every sweep run (method name, setting, folder, seed); writes
+    ``sweep/points.json``."""
     spp = ctx.cfg["pipeline"].frontier_samples_per_prompt
     points, refs = [], {}
-    for method, setting, value, seed in runs:
+    for method, setting, folder, seed in runs:
         if seed not in refs:  # SFT sampled with each seed's evaluation seed: its own point
             loaded = next(iter(refs.values()))[:2] if refs else None
             ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, spp, seed, loaded)
@@ -216,18 +207,20 @@ def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, float, int]]) ->
             points.append(_point(sft_result, method="SFT", setting="", seed=seed, step=0,
                                  elapsed_s=0.0, kl=0.0, kl_se=0.0, win_rate=0.5))  # fmt: skip
         ref, tok, sft_rewards = refs[seed]
-        points += evaluate_snapshots(ctx, ctx.paths.sweep_dir(method, value, seed), method, setting,
-                                     seed, ref, sft_rewards, tok)  # fmt: skip
+        points += evaluate_snapshots(ctx, folder, method, setting, seed, ref, sft_rewards, tok)
     atomic_write_json(ctx.folder / "sweep" / "points.json",
                       {"samples_per_prompt": spp, "points": points})  # fmt: skip
     return points
 
 
-EVAL_STAGE = Stage(
-    "eval", evaluate_all, ("eval",), ("dpo", "ppo", "ppo_gt", "preferred_ft", "best_of_n"),
-    inputs=lambda c: [c.paths.sft, *(d / "checkpoint.pt" for d in policy_dirs(c).values()),
-                      c.paths.best_of_n_samples],
-    outputs=lambda c: [c.paths.results],
-    extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
-                         c.cfg["pipeline"].reach_margin],
-)  # fmt: skip
+def eval_stage(methods: Sequence[Method]) -> Stage:
+    """The evaluation stage of the pipeline whose methods are `methods`."""
+    return Stage(
+        "eval", lambda ctx, resume: evaluate_all(ctx, methods), ("eval",),
+        (*(m.stage.name for m in methods), "best_of_n"),
+        inputs=lambda c: [c.paths.sft, *(d / "checkpoint.pt" for d in policy_dirs(c, methods).values()),
+                          c.paths.best_of_n_samples],
+        outputs=lambda c: [c.paths.results],
+        extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
+                             c.cfg["pipeline"].reach_margin],
+    )  # fmt: skip

@@ -9,7 +9,7 @@
         ppo-<rm|oracle>-kl<k>/    PPO against the reward model, PPO-GT against the oracle
         preferred-ft/  best-of-n/ eval/  plots/  report.md
         stages/<stage>.json       the stamp of each stage (`minidpo.stage`)
-        sweep/seed<s>/<method folder>/
+        sweep/seed<s>/<method folder>/  (`minidpo.stage.Method.sweep_dir`)
 
 A command may read its inputs from elsewhere (``--sft``, ``--pairs``, ``--eval-pairs``,
 ``--rm``): `RunPaths.inputs` holds those, and every stage asks this object, so the
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-SWEEP_FOLDERS = {"DPO": "dpo-beta", "PPO": "ppo-rm-kl", "PPO-GT": "ppo-oracle-kl"}
 
 
 @dataclass(frozen=True)
@@ -96,9 +94,3 @@ class RunPaths:
 
     def stamp(self, stage: str) -> Path:
         return self.folder / "stages" / f"{stage}.json"
-
-    def sweep_dir(self, method: str, value: float, seed: int) -> Path:
-        """One training run of the frontier sweep."""
-        prefix = SWEEP_FOLDERS.get(method)
-        tag = "preferred-ft" if prefix is None else f"{prefix}{value:g}"
-        return self.folder / "sweep" / f"seed{seed}" / tag

@@ -25,7 +25,7 @@ from typing import Any
 
 from minidpo import dpo, ppo
 from minidpo.atomic import atomic_write_json
-from minidpo.baselines import BEST_OF_N_STAGE, PreferredFTConfig, preferred_ft_stage
+from minidpo.baselines import BEST_OF_N_STAGE, PREFERRED_FT_METHOD, PreferredFTConfig
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
@@ -38,16 +38,16 @@ from minidpo.config import (
 )
 from minidpo.cost import measure
 from minidpo.errors import MinidpoError
-from minidpo.evaluation import EVAL_STAGE, evaluate_sweep
+from minidpo.evaluation import eval_stage, evaluate_sweep
 from minidpo.ppo import PPOConfig
 from minidpo.preferences import PREFS_STAGE
 from minidpo.report import PLOTS_STAGE, REPORT_STAGE, make_plots, write_report
 from minidpo.reward_model import RM_STAGE, RewardModelConfig
 from minidpo.sft import SFT_STAGE, TOKENIZER_STAGE
-from minidpo.stage import Context, Stage, read_stamp, run_stage
+from minidpo.stage import Context, Method, Stage, read_stamp, run_stage
 
-__all__ = ["GROUPS", "STAGES", "STAGE_NAMES", "Context", "PipelineConfig", "read_stamp",
-           "run_pipeline", "run_stages", "run_sweep"]  # fmt: skip
+__all__ = ["GROUPS", "METHODS", "STAGES", "STAGE_NAMES", "Context", "PipelineConfig",
+           "read_stamp", "run_pipeline", "run_stages", "run_sweep"]  # fmt: skip
 
 
 @dataclass
@@ -105,23 +105,25 @@ GROUPS: dict[str, type] = {
 }
 
 
-def _ppo_gt_kl(ctx: Context) -> float:
-    return ctx.cfg["pipeline"].ppo_gt_kl_coef
+# The methods compared, in the order of every table. A new method: its stage file, and one
+# line here (docs/ARCHITECTURE.md, "Adding a method").
+METHODS: list[Method] = [
+    dpo.METHOD,
+    ppo.RLHF_METHOD,
+    ppo.GT_METHOD,
+    PREFERRED_FT_METHOD,
+]
 
-
-# The pipeline, in order. A new method: its stage file, and one line here.
+# The pipeline, in order: what the methods share, the methods, then evaluation and report.
 STAGES: list[Stage] = [
     TOKENIZER_STAGE,
     SFT_STAGE,
     PREFS_STAGE,
     dpo.REF_LOGPS_STAGE,
-    dpo.stage("dpo"),
     RM_STAGE,
-    ppo.stage("ppo", reward="rm"),
-    ppo.stage("ppo_gt", reward="oracle", kl_coef=_ppo_gt_kl),
-    preferred_ft_stage("preferred_ft"),
+    *(m.stage for m in METHODS),
     BEST_OF_N_STAGE,
-    EVAL_STAGE,
+    eval_stage(METHODS),
     PLOTS_STAGE,
     REPORT_STAGE,
 ]
@@ -176,34 +178,13 @@ def run_pipeline(ctx: Context, until: str | None = None) -> dict[str, dict]:
 # --------------------------------------------------------------------------- sweep
 
 
-def sweep_runs(ctx: Context) -> list[tuple[str, str, float, int]]:
-    """(method, setting label, value, seed) of every training run of the sweep."""
+def sweep_runs(ctx: Context) -> list[tuple[Method, float, int]]:
+    """(method, value of its swept setting, seed) of every training run of the sweep."""
     p = ctx.cfg["pipeline"]
     if p.seeds < 1:
         raise MinidpoError(f"--seeds: must be >= 1, got {p.seeds}")
-    seeds = [ctx.run.seed + i for i in range(p.seeds)]
-    runs: list[tuple[str, str, float, int]] = []
-    for seed in seeds:
-        runs += [("DPO", f"beta={b:g}", b, seed) for b in p.floats("sweep_dpo_betas")]
-        runs += [("PPO", f"kl={k:g}", k, seed) for k in p.floats("sweep_ppo_kl_coefs")]
-        runs += [("PPO-GT", f"kl={p.ppo_gt_kl_coef:g}", p.ppo_gt_kl_coef, seed)]
-        runs += [("Preferred-FT", "", 0.0, seed)]
-    return runs
-
-
-def sweep_stage(method: str, label: str, value: float, seed: int) -> Stage:
-    """A sweep run: one more instance of its method's stage, in its own folder."""
-    name = f"sweep-{method}-{label or 'default'}-seed{seed}".replace("=", "")
-
-    def folder(ctx: Context):
-        return ctx.paths.sweep_dir(method, value, seed)
-
-    if method == "DPO":
-        return dpo.stage(name, overrides={"beta": value}, seed=seed, folder=folder)
-    if method in ("PPO", "PPO-GT"):
-        reward = "rm" if method == "PPO" else "oracle"
-        return ppo.stage(name, reward=reward, kl_coef=lambda c: value, seed=seed, folder=folder)
-    return preferred_ft_stage(name, seed=seed, folder=folder)
+    return [(m, value, ctx.run.seed + i) for i in range(p.seeds) for m in METHODS
+            for value in m.sweep(ctx)]  # fmt: skip
 
 
 def run_sweep(ctx: Context) -> dict[str, Any]:
@@ -211,11 +192,13 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
     setting, seed) run with snapshots, every snapshot evaluated, the frontier plotted."""
     t0 = time.perf_counter()
     stamps = run_stages(ctx, ["ref_logps", "rm"])  # what the sweep's runs share
-    for method, label, value, seed in sweep_runs(ctx):
-        run_stage(ctx, sweep_stage(method, label, value, seed), stamps)
+    runs = sweep_runs(ctx)
+    for method, value, seed in runs:
+        run_stage(ctx, method.sweep_stage(ctx, value, seed), stamps)
     ctx.log("[sweep] evaluating every snapshot")
     with measure(ctx.device) as cost:
-        points = evaluate_sweep(ctx, sweep_runs(ctx))
+        points = evaluate_sweep(ctx, [(m.name, m.label(v), m.sweep_dir(ctx, v, s), s)
+                                      for m, v, s in runs])  # fmt: skip
     make_plots(ctx.folder)
     write_report(ctx.folder)
     wall = {n: s["cost"]["wall_s"] for n, s in stamps.items()}

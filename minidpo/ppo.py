@@ -82,7 +82,7 @@ from minidpo.reward_model import load_reward_model
 from minidpo.sampling import Sample, encode_prompt, load_prompts, sample_responses
 from minidpo.scoring import ScoreFn, oracle_scores
 from minidpo.seeds import seed_of, stream
-from minidpo.stage import Context, Stage, method_config
+from minidpo.stage import Context, Method, Stage, method_config
 from minidpo.tokenizer import Tokenizer
 from minidpo.training import Carried, Job, LoopConfig, read_metrics, run_loop
 from minidpo.world import load_world
@@ -604,3 +604,23 @@ def stage(
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
                  extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed],
                  check=lambda c: training_prompts(c) and None)  # fmt: skip
+
+
+def _gt_kl(ctx: Context) -> float:
+    return ctx.cfg["pipeline"].ppo_gt_kl_coef
+
+
+RLHF_METHOD = Method(
+    "PPO", stage("ppo", reward="rm"), key="kl", value=lambda c: c.cfg["ppo"].kl_coef,
+    cost_with=("rm",), sweep=lambda c: c.cfg["pipeline"].floats("sweep_ppo_kl_coefs"),
+    variant=lambda name, kl, seed, folder: stage(name, reward="rm", kl_coef=lambda c: kl,
+                                                 seed=seed, folder=folder),
+    folder="ppo-rm-kl",
+)  # fmt: skip
+GT_METHOD = Method(
+    "PPO-GT", stage("ppo_gt", reward="oracle", kl_coef=_gt_kl), key="kl", value=_gt_kl,
+    sweep=lambda c: [_gt_kl(c)],
+    variant=lambda name, kl, seed, folder: stage(name, reward="oracle", kl_coef=lambda c: kl,
+                                                 seed=seed, folder=folder),
+    folder="ppo-oracle-kl",
+)  # fmt: skip

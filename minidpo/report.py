@@ -228,14 +228,6 @@ def make_plots(folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- numbers
 
 
-METHOD_STAGES = {
-    "DPO": ["ref_logps", "dpo"],
-    "PPO": ["rm", "ppo"],
-    "PPO-GT": ["ppo_gt"],
-    "Preferred-FT": ["preferred_ft"],
-}
-
-
 def _stamps(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for p in sorted((folder / "stages").glob("*.json")):
@@ -253,10 +245,8 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
     results = load_results(folder)
     points, _ = frontier_points(folder)
     target = results["final"]["SFT"]["reward_mean"] + results["reach_margin"]
-    bon = next((m for m in results["final"] if m.startswith("Best-of-")), None)
-    stages = dict(METHOD_STAGES)
-    if bon:
-        stages[bon] = ["rm", "best_of_n"]
+    # each method's stages, as the evaluation recorded them (the pipeline's method table)
+    stages = ((stamps.get("eval") or {}).get("summary") or {}).get("methods") or {}
     rows = []
     for method, names in stages.items():
         got = [stamps[n] for n in names if n in stamps]

@@ -200,3 +200,52 @@ def training_summary(s: dict[str, Any]) -> dict[str, Any]:
     backward (the cost table) and the last training loss."""
     tokens = int(s.get("tokens", 0))
     return {"tokens_forward": tokens, "tokens_backward": tokens, "train_loss": s.get("train/loss")}
+
+
+Variant = Callable[[str, float, int, Callable[[Context], Path]], Stage]
+
+
+def _no_sweep(ctx: Context) -> list[float]:
+    return []
+
+
+@dataclass(frozen=True)
+class Method:
+    """A trained policy the pipeline compares with the others: one entry of its table.
+
+    `stage` trains the pipeline's own run. `key` names the setting that places it on the
+    frontier ("beta", "kl"; "" for none) and `value(ctx)` is the pipeline's own value of
+    it; `cost_with` lists the shared stages its cost includes (DPO's reference log-probs,
+    PPO's reward model). For the frontier sweep, `sweep(ctx)` gives the values to run and
+    `variant(name, value, seed, folder)` the stage of one sweep run, in a folder named
+    `folder` + value (``dpo-beta0.5``).
+    """
+
+    name: str
+    stage: Stage
+    key: str = ""
+    value: Callable[[Context], float] | None = None
+    cost_with: tuple[str, ...] = ()
+    sweep: Callable[[Context], list[float]] = _no_sweep
+    variant: Variant | None = None
+    folder: str = ""
+
+    def label(self, value: float | None) -> str:
+        """A setting as tables and plots write it: "beta=0.5" ("" without a key)."""
+        return f"{self.key}={value:g}" if self.key and value is not None else ""
+
+    def setting(self, ctx: Context) -> str:
+        """The pipeline's own setting: "beta=0.1"."""
+        return self.label(None if self.value is None else self.value(ctx))
+
+    def sweep_dir(self, ctx: Context, value: float, seed: int) -> Path:
+        """The folder of one sweep run: ``sweep/seed<s>/<folder><value>``."""
+        tag = f"{self.folder}{value:g}" if self.key else self.folder
+        return ctx.folder / "sweep" / f"seed{seed}" / tag
+
+    def sweep_stage(self, ctx: Context, value: float, seed: int) -> Stage:
+        """One run of the sweep as a stage (its stamp: ``sweep-<method>-<setting>-seed<s>``)."""
+        if self.variant is None:
+            raise MinidpoError(f"{self.name} has no sweep variant")
+        name = f"sweep-{self.name}-{self.label(value) or 'default'}-seed{seed}".replace("=", "")
+        return self.variant(name, value, seed, lambda c: self.sweep_dir(c, value, seed))
