@@ -356,6 +356,7 @@ def _context(args: argparse.Namespace):
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
     cfg["ppo"].validate("ppo-")
+    cfg["unlikelihood"].validate()
     cfg["pipeline"].validate()  # before any stage runs, not after minutes of them
     world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, in a fraction of a second
     forced = check_force(args.force or [])

@@ -139,6 +139,9 @@ class EvalConfig:
     max_new_tokens: int = _f(64, "maximum response length in tokens")
 
 
+# Preferred-FT and Unlikelihood at the tiny preset: ten steps of eight pairs.
+_TINY_BASELINE = {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "ckpt_every": 5}
+
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128},
@@ -174,13 +177,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_samples_per_prompt": 1,
             "ckpt_every": 1,
         },
-        "preferred_ft": {
-            "steps": 10,
-            "batch_size": 8,
-            "warmup_steps": 2,
-            "eval_every": 5,
-            "ckpt_every": 5,
-        },
+        "preferred_ft": _TINY_BASELINE,
+        "unlikelihood": _TINY_BASELINE,
         "pipeline": {
             "best_of_n": 4,
             "best_of_n_samples_per_prompt": 1,

@@ -36,6 +36,7 @@ twin of this file with the gradients derived by hand.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -131,3 +132,36 @@ def bradley_terry_loss(
     if center_coef:
         losses = losses + center_coef * (r_chosen + r_rejected) ** 2  # TRL center_rewards
     return losses
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012): log(-expm1(x))
+    near 0, log1p(-exp(x)) below -log 2. x = 0 (a certain token) gives -inf."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def unlikelihood_loss(
+    chosen_logps: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    alpha: float,
+    min_unlikely: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair Unlikelihood loss (B,) from per-token log-probs and masks, (B, T) each:
+
+        -log pi(y_w|x) - alpha * sum_t log(1 - pi(y_l,t | x, y_l,<t))
+
+    the likelihood of the chosen response (the sum of its token log-probs) and the
+    token-level unlikelihood of the rejected one (Welleck et al. 2019, arXiv 1908.04319,
+    Eq. 4), the paper's Unlikelihood baseline (arXiv 2305.18290, Sec. 6). Each 1 - p is
+    floored at `min_unlikely`, so a token the model is sure of costs -log(1e-6) = 13.8 at
+    most, not infinity. Returns (losses, log pi(y_w|x), the unlikelihood sums), each (B,).
+
+    Example: one chosen token at p = 0.5, one rejected token at p = 0.5, alpha = 1:
+    -log 0.5 - log 0.5 = 1.3863.
+    """
+    chosen = (chosen_logps * chosen_mask).sum(-1)  # (B,)
+    ceiling = math.log1p(-min_unlikely)  # log p <= log(1 - min_unlikely)
+    unlikely = (log1mexp(rejected_logps.clamp(max=ceiling)) * rejected_mask).sum(-1)  # (B,)
+    return -chosen - alpha * unlikely, chosen, unlikely

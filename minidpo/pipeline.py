@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minidpo import dpo, ppo
+from minidpo import dpo, ppo, unlikelihood
 from minidpo.atomic import atomic_write_json
 from minidpo.baselines import BEST_OF_N_STAGE, PREFERRED_FT_METHOD, PreferredFTConfig
 from minidpo.config import (
@@ -45,6 +45,7 @@ from minidpo.report import PLOTS_STAGE, REPORT_STAGE, make_plots, write_report
 from minidpo.reward_model import RM_STAGE, RewardModelConfig
 from minidpo.sft import SFT_STAGE, TOKENIZER_STAGE
 from minidpo.stage import Context, Method, Stage, read_stamp, run_stage
+from minidpo.unlikelihood import UnlikelihoodConfig
 
 __all__ = ["GROUPS", "METHODS", "STAGES", "STAGE_NAMES", "Context", "PipelineConfig",
            "read_stamp", "run_pipeline", "run_stages", "run_sweep"]  # fmt: skip
@@ -100,6 +101,7 @@ GROUPS: dict[str, type] = {
     "rm": RewardModelConfig,
     "ppo": PPOConfig,
     "preferred_ft": PreferredFTConfig,
+    "unlikelihood": UnlikelihoodConfig,
     "eval": EvalConfig,
     "pipeline": PipelineConfig,
 }
@@ -112,6 +114,7 @@ METHODS: list[Method] = [
     ppo.RLHF_METHOD,
     ppo.GT_METHOD,
     PREFERRED_FT_METHOD,
+    unlikelihood.METHOD,
 ]
 
 # The pipeline, in order: what the methods share, the methods, then evaluation and report.

@@ -28,7 +28,8 @@ from minidpo.stage import Context, Stage
 from minidpo.training import read_metrics
 
 METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT"]
-COLORS = {"SFT": "black", "DPO": "C0", "PPO": "C3", "PPO-GT": "C2", "Preferred-FT": "C4"}
+COLORS = {"SFT": "black", "DPO": "C0", "PPO": "C3", "PPO-GT": "C2", "Preferred-FT": "C4",
+          "Unlikelihood": "C5"}  # fmt: skip
 
 
 def _color(method: str) -> str:

@@ -26,6 +26,7 @@ STREAMS: dict[str, tuple[int, str, str]] = {
     "rm/normalisation": (5, "seed", "SFT samples that set the reward model's gain and bias"),
     "rm/report": (6, "seed", "fresh SFT samples for the reward model's Spearman correlation"),
     "preferred_ft/batch": (7, "rng", "the chosen responses of Preferred-FT step s"),
+    "unlikelihood/batch": (8, "rng", "the pairs of Unlikelihood step s"),
     "ppo/prompts": (3, "rng", "the training prompts of PPO iteration i"),
     "ppo/rollout": (4, "seed", "the sampling seeds of PPO iteration i's rollouts"),
     "ppo/minibatches": (5, "rng", "the minibatch order of PPO iteration i"),

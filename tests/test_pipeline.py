@@ -61,7 +61,7 @@ def test_every_stage_ran_and_wrote_its_outputs(done):
     for needle in ("## Conclusion", "| DPO |", "| PPO |", "Explain gravity", "frontier.png"):
         assert needle in report, needle
     methods = set(finals(f))
-    assert {"SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Best-of-4"} == methods
+    assert {"SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-4"} == methods
     rows = {r["method"]: r for r in cost_table(f)}
     assert set(rows) == methods - {"SFT"}
     assert all(r["tokens_forward"] > 0 and r["wall_s"] > 0 for r in rows.values())

@@ -23,10 +23,11 @@ from minidpo.pipeline import BY_NAME, GROUPS, Context, run_stages
 from minidpo.stage import run_stage
 from minidpo.training import read_metrics
 
-TRAINING_STAGES = ["sft", "dpo", "rm", "ppo", "ppo_gt", "preferred_ft"]
+TRAINING_STAGES = ["sft", "dpo", "rm", "ppo", "ppo_gt", "preferred_ft", "unlikelihood"]
 # a setting of each stage's own group that changes its result
 CHANGE = {"sft": ("sft", "lr"), "dpo": ("dpo", "beta"), "rm": ("rm", "lr"),
-          "ppo": ("ppo", "lr"), "ppo_gt": ("ppo", "lr"), "preferred_ft": ("preferred_ft", "lr")}  # fmt: skip
+          "ppo": ("ppo", "lr"), "ppo_gt": ("ppo", "lr"), "preferred_ft": ("preferred_ft", "lr"),
+          "unlikelihood": ("unlikelihood", "lr")}  # fmt: skip
 
 
 def _ctx(root, name: str, log: list[str] | None = None) -> Context:
