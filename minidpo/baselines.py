@@ -11,8 +11,9 @@
   highest. No training at all, but N times the sampling cost at test time. All
   N x prompts samples are drawn in one batched call; ties go to the earliest sample.
 
-Left out: Unlikelihood (the paper's third baseline), rejection-sampling
-fine-tuning on Best-of-N outputs, and any KL control for Preferred-FT.
+Unlikelihood, the paper's third baseline, is its own stage (`minidpo.unlikelihood`).
+
+Left out: rejection-sampling fine-tuning on Best-of-N outputs, and any KL control for Preferred-FT.
 """
 
 from __future__ import annotations

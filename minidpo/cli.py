@@ -66,8 +66,8 @@ from minidpo.reward_model import RewardModelConfig, load_reward_model
 from minidpo.sampling import sample_responses
 from minidpo.scoring import oracle_breakdowns, oracle_scores
 from minidpo.seeds import seed_of
-from minidpo.sft import world_tokenizer
 from minidpo.tokenizer import Tokenizer
+from minidpo.tokenizer_stage import world_tokenizer
 from minidpo.training import resolve_device
 from minidpo.world import load_world
 
@@ -87,10 +87,6 @@ def _run(args: argparse.Namespace) -> RunConfig:
 def _cfg(cls: type, group: str, args: argparse.Namespace):
     prefix = f"{group}_" if group in getattr(args, "prefixed", ()) else ""
     return resolve(cls, group, args.preset or "cpu", args, prefix)
-
-
-def _paths(run: RunConfig) -> RunPaths:
-    return RunPaths(Path(run.runs_dir) / run.name)
 
 
 def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inputs: str | None):
@@ -163,7 +159,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise MinidpoError(f"--n: must be >= 1, got {cfg.n}")
     if cfg.show < 0:
         raise MinidpoError(f"--show: must be >= 0, got {cfg.show}")
-    path = Path(args.checkpoint) if args.checkpoint else _paths(run).sft
+    path = Path(args.checkpoint) if args.checkpoint else RunPaths.of(run).sft
     model, tok = load_policy(path, resolve_device(run.device))
     prompts = [p.text for p in load_world().prompts(cfg.split)]
     chosen = [prompts[i % len(prompts)] for i in range(cfg.n)]
@@ -199,7 +195,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _sft_path(run: RunConfig, args: argparse.Namespace) -> Path:
-    return Path(args.sft) if getattr(args, "sft", None) else _paths(run).sft
+    return Path(args.sft) if getattr(args, "sft", None) else RunPaths.of(run).sft
 
 
 def _trained(stage, ctx) -> Path:
@@ -227,7 +223,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
+def _evaluate_checkpoint(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path | None):
 
     device = resolve_device(run.device)
     model, tok = load_policy(ckpt, device)
@@ -252,7 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else sft
     ref = Path(args.ref) if args.ref else sft
     same = ckpt.resolve() == ref.resolve()
-    result, _, _ = _evaluate(run, cfg, ckpt, None if same else ref)
+    result, _, _ = _evaluate_checkpoint(run, cfg, ckpt, None if same else ref)
     out = Path(args.out) if args.out else ckpt.with_name("eval.json")
     atomic_write_json(out, {"checkpoint": str(ckpt), "ref": str(ref), **result.to_dict()})
     print(_eval_table({ckpt.parent.name: result}))
@@ -279,7 +275,7 @@ def _eval_table(results: dict) -> str:
 
 
 def _rm_path(run: RunConfig, args: argparse.Namespace) -> Path:
-    return Path(args.rm) if args.rm else _paths(run).rm
+    return Path(args.rm) if args.rm else RunPaths.of(run).rm
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -337,7 +333,7 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
     )  # fmt: skip
     b = oracle_breakdowns(samples)
     result = summarize(samples, [x.total for x in b], [x.unparseable > 0 for x in b], None, None)
-    out = _paths(run).folder / f"best-of-{args.n}-{args.reward}" / "eval.json"
+    out = RunPaths.of(run).folder / f"best-of-{args.n}-{args.reward}" / "eval.json"
     atomic_write_json(out, {"n": args.n, "reward": args.reward, **result.to_dict()})
     print(_eval_table({f"best-of-{args.n} ({args.reward})": result}))
     print(f"best-of-n: {out}")
@@ -355,9 +351,10 @@ def _context(args: argparse.Namespace):
 
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) for g, cls in GROUPS.items()}
-    cfg["ppo"].validate("ppo-")
-    cfg["unlikelihood"].validate()
-    cfg["pipeline"].validate()  # before any stage runs, not after minutes of them
+    prefixed = getattr(args, "prefixed", ())
+    for group, c in cfg.items():  # every group's own checks, before any stage runs
+        if hasattr(c, "validate"):
+            c.validate(f"{group.replace('_', '-')}-" if group in prefixed else "")
     world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, in a fraction of a second
     forced = check_force(args.force or [])
     return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)

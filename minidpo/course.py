@@ -37,6 +37,7 @@ from minidpo.config import (
     resolve,
     to_dict,
 )
+from minidpo.paths import RunPaths
 from minidpo.pipeline import GROUPS, run_stages
 from minidpo.stage import Context, run_stage
 
@@ -84,8 +85,7 @@ def config(cls: type, group: str, **overrides):
 
 def folder() -> Path:
     """The lessons' run folder (created on first use)."""
-    run = run_config()
-    return Path(run.runs_dir) / run.name
+    return RunPaths.of(run_config()).folder
 
 
 def context(progress: bool = False):

@@ -27,8 +27,8 @@ import torch
 from minidpo.batching import build_batch
 from minidpo.logprobs import sequence_logprobs
 from minidpo.model import GPT
-from minidpo.oracle import reward_breakdown
 from minidpo.sampling import Sample, encode_prompt, sample_responses
+from minidpo.scoring import oracle_breakdowns, oracle_scores
 from minidpo.tokenizer import Tokenizer
 
 
@@ -131,7 +131,7 @@ def evaluate_policy(
     expanded = [p for p in prompts for _ in range(samples_per_prompt)]
     kw = dict(seed=seed, temperature=temperature, max_new_tokens=max_new_tokens)
     samples = sample_responses(model, tok, expanded, **kw)
-    breakdowns = [reward_breakdown(s.prompt, s.response, terminated=s.terminated) for s in samples]
+    breakdowns = oracle_breakdowns(samples)
     rewards = [b.total for b in breakdowns]
     unparseable = [b.unparseable > 0 for b in breakdowns]
     log_ratios = None
@@ -143,10 +143,7 @@ def evaluate_policy(
         ).tolist()
         if ref_rewards is None:
             ref_samples = sample_responses(ref, tok, expanded, **kw)
-            ref_rewards = [
-                reward_breakdown(s.prompt, s.response, terminated=s.terminated).total
-                for s in ref_samples
-            ]
+            ref_rewards = oracle_scores(ref_samples).tolist()
         elif len(ref_rewards) != len(samples):
             raise ValueError(
                 f"ref_rewards has {len(ref_rewards)} values for {len(samples)} samples"

@@ -38,30 +38,32 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from minidpo.config import ModelConfig
 from minidpo.errors import MinidpoError
 
 
 @dataclass
 class GPTConfig:
-    """Hyperparameters of `GPT`. The defaults put ~0.8M parameters in the blocks."""
+    """Hyperparameters of `GPT`. The size defaults are the cpu preset's (`ModelConfig`, one
+    source for both): 3 blocks of width 96, ~0.34M parameters in the blocks."""
 
     vocab_size: int
     """Number of token ids, including special tokens; the tokenizer decides it."""
 
-    block_size: int = 128
+    block_size: int = ModelConfig.block_size
     """Longest sequence the model can see: the size of the position-embedding table.
     Prompt plus response must fit; 128 is ample for the toy world's short answers."""
 
-    n_layer: int = 4
-    """Number of transformer blocks. Four is enough to learn the toy world on a CPU."""
+    n_layer: int = ModelConfig.n_layer
+    """Number of transformer blocks. Three are enough to learn the toy world on a CPU."""
 
-    n_head: int = 4
+    n_head: int = ModelConfig.n_head
     """Attention heads per block; must divide ``n_embd`` (head size = n_embd // n_head)."""
 
-    n_embd: int = 128
+    n_embd: int = ModelConfig.n_embd
     """Width of the residual stream (C). Cost grows as n_embd**2 per token per layer."""
 
-    dropout: float = 0.0
+    dropout: float = ModelConfig.dropout
     """Dropout on embeddings, attention weights and residual branches while training.
     0.0 by default: tiny models on small data rarely need it, and it keeps runs exact."""
 
@@ -115,7 +117,7 @@ def param_count(config: GPTConfig, non_embedding: bool = False) -> int:
     ``non_embedding`` drops the position embedding, as nanoGPT does: the token
     embedding stays because, tied, it is also the output layer's weight.
 
-    Example: GPTConfig(vocab_size=512) (C=128, L=4, P=128, bias) ->
+    Example: GPTConfig(vocab_size=512, n_layer=4, n_embd=128) (P=128, bias) ->
     65536 + 16384 + 4*(196608 + 1664) + 256 = 875264.
     """
     C, L, b = config.n_embd, config.n_layer, int(config.bias)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minidpo.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,11 @@ class RunPaths:
 
     folder: Path
     inputs: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run: RunConfig, inputs: dict[str, Path] | None = None) -> RunPaths:
+        """The paths of the run folder runs/<name>/ of `run`."""
+        return cls(Path(run.runs_dir) / run.name, dict(inputs or {}))
 
     @property
     def tokenizer(self) -> Path:

@@ -26,6 +26,7 @@ from typing import Any
 from minidpo import dpo, ppo, unlikelihood
 from minidpo.atomic import atomic_write_json
 from minidpo.baselines import BEST_OF_N_STAGE, PREFERRED_FT_METHOD, PreferredFTConfig
+from minidpo.comparison import eval_stage, evaluate_sweep
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
@@ -38,13 +39,13 @@ from minidpo.config import (
 )
 from minidpo.cost import measure
 from minidpo.errors import MinidpoError
-from minidpo.evaluation import eval_stage, evaluate_sweep
 from minidpo.ppo import PPOConfig
 from minidpo.preferences import PREFS_STAGE
 from minidpo.report import PLOTS_STAGE, REPORT_STAGE, make_plots, write_report
 from minidpo.reward_model import RM_STAGE, RewardModelConfig
-from minidpo.sft import SFT_STAGE, TOKENIZER_STAGE
+from minidpo.sft import SFT_STAGE
 from minidpo.stage import Context, Method, Stage, read_stamp, run_stage
+from minidpo.tokenizer_stage import TOKENIZER_STAGE
 from minidpo.unlikelihood import UnlikelihoodConfig
 
 __all__ = ["GROUPS", "METHODS", "STAGES", "STAGE_NAMES", "Context", "PipelineConfig",
@@ -66,8 +67,9 @@ class PipelineConfig:
     sweep_dpo_betas: str = _f("0.1,0.3,1", "sweep: DPO betas, comma-separated")
     sweep_ppo_kl_coefs: str = _f("0.02,0.05,0.2", "sweep: PPO KL coefficients, comma-separated")
 
-    def validate(self) -> None:
-        """Raise MinidpoError naming the flag of the first bad value."""
+    def validate(self, flag_prefix: str = "") -> None:
+        """Raise MinidpoError naming the flag of the first bad value (its flags are never
+        prefixed: `flag_prefix` is there for the one signature every config's `validate` has)."""
         for name in ("best_of_n", "best_of_n_samples_per_prompt", "frontier_samples_per_prompt",
                      "seeds"):  # fmt: skip
             if getattr(self, name) < 1:

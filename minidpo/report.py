@@ -27,7 +27,7 @@ from minidpo.plots import figure, save_png
 from minidpo.stage import Context, Stage
 from minidpo.training import read_metrics
 
-METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT"]
+METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"]
 COLORS = {"SFT": "black", "DPO": "C0", "PPO": "C3", "PPO-GT": "C2", "Preferred-FT": "C4",
           "Unlikelihood": "C5"}  # fmt: skip
 
@@ -79,9 +79,17 @@ def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+# A point this far below SFT's reward has left the world (mostly unparseable text); it is
+# named beside the frontier plot instead of stretching its axes over it.
+OFF_CHART_BELOW_SFT = 1.0
+
+
 def plot_frontier(folder: Path, path: Path) -> Path:
     points, source = frontier_points(folder)
     sft = [p for p in points if p["method"] == "SFT"]
+    floor = (sft[0]["reward"] if sft else -np.inf) - OFF_CHART_BELOW_SFT
+    off = [p for p in points if p["reward"] < floor]
+    points = [p for p in points if p["reward"] >= floor]
     fig, ax = figure(figsize=(7, 4.5))
     methods = [m for m in METHOD_ORDER if m != "SFT"]
     methods += sorted({p["method"] for p in points} - set(METHOD_ORDER))
@@ -103,6 +111,12 @@ def plot_frontier(folder: Path, path: Path) -> Path:
     ax.set_title(f"Reward-KL frontier (lines: upper frontier per method; {source})")
     ax.axhline(sft[0]["reward"] if sft else 0, color="grey", lw=0.6, ls=":")
     ax.legend(frameon=False, fontsize=8, loc="best")
+    for i, m in enumerate(sorted({p["method"] for p in off})):
+        ps = [p for p in off if p["method"] == m]
+        ax.text(0.99, 0.02 + 0.05 * i, f"off the chart: {m}, {len(ps)} points, reward "
+                f"{min(p['reward'] for p in ps):+.2f} to {max(p['reward'] for p in ps):+.2f}, "
+                f"KL {min(p['kl'] for p in ps):.0f} to {max(p['kl'] for p in ps):.0f}",
+                transform=ax.transAxes, ha="right", fontsize=7, color=_color(m))  # fmt: skip
     return save_png(fig, path)
 
 
@@ -272,6 +286,35 @@ def cost_table(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def frontier_table(folder: Path) -> list[dict[str, Any]]:
+    """Per (method, setting) of the frontier: its last snapshot's reward and KL (mean ± se
+    over seeds) and its best snapshot's reward (biased upward: the best of noisy points)."""
+    points, _ = frontier_points(folder)
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for p in points:
+        runs[(p["method"], p["setting"])].append(p)
+    rows = []
+    for (method, setting), ps in runs.items():
+        last = max(ps, key=lambda p: p["step"])
+        best = max(ps, key=lambda p: p["reward"])
+        rows.append({"method": method, "setting": setting, "seeds": last["seeds"],
+                     "reward": last["reward"], "reward_se": last["reward_se"],
+                     "kl": last["kl"], "kl_se": last["kl_se"],
+                     "best_reward": best["reward"], "best_reward_se": best["reward_se"]})  # fmt: skip
+    return rows
+
+
+def frontier_lines(folder: Path) -> list[str]:
+    """`frontier_table` as markdown."""
+    L = ["| method | setting | oracle reward, last | KL, last | oracle reward, best snapshot |",
+         "|---|---|---|---|---|"]  # fmt: skip
+    for r in frontier_table(folder):
+        L.append(f"| {r['method']} | {r['setting'] or '–'} | {r['reward']:+.3f} ± "
+                 f"{r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se'] or 0:.2f} | "
+                 f"{r['best_reward']:+.3f} ± {r['best_reward_se']:.3f} |")  # fmt: skip
+    return L
+
+
 def best_at(points: Sequence[dict[str, Any]], kl: float) -> dict[str, Any]:
     """The upper frontier as a function: the best point among those with KL <= kl."""
     return max((p for p in points if p["kl"] <= kl), key=lambda p: p["reward"])
@@ -404,6 +447,12 @@ def write_report(folder: str | Path) -> Path:
                  f"{r['mean_length']:.1f} |")  # fmt: skip
     L += ["", *reward_model_lines(folder, stamps)]
     L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
+    L += [
+        "Each method's last snapshot and its best (per setting):",
+        "",
+        *frontier_lines(folder),
+        "",
+    ]
     L += ["## Cost per method", ""]
     rows = cost_table(folder)
     target = final["SFT"]["reward_mean"]

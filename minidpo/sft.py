@@ -7,7 +7,7 @@ masked; ``--all-tokens`` trains on both). The result is pi_SFT, which the later
 stages also use as the frozen reference pi_ref.
 
 Outputs under runs/<name>/:
-    tokenizer.json          the BPE tokenizer trained on the world's corpus
+    tokenizer.json          the BPE tokenizer (`minidpo.tokenizer_stage`)
     sft/checkpoint.pt       model, optimizer, step, configs and tokenizer
     sft/metrics.jsonl       train/loss, eval/loss, lr, grad_norm per step
     sft/summary.json        final losses and wall time
@@ -15,7 +15,6 @@ Outputs under runs/<name>/:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,56 +32,10 @@ from minidpo.model import GPT, GPTConfig
 from minidpo.paths import RunPaths
 from minidpo.seeds import stream
 from minidpo.stage import Context, Stage
-from minidpo.tokenizer import Tokenizer, coverage_problem, train_bpe
+from minidpo.tokenizer import Tokenizer
+from minidpo.tokenizer_stage import prepare_tokenizer
 from minidpo.training import Job, LoopConfig, resolve_device, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
-
-
-def run_paths(run: RunConfig) -> RunPaths:
-    """The paths of the run folder runs/<name>/."""
-    return RunPaths(Path(run.runs_dir) / run.name)
-
-
-# Every word of the world in at most this many tokens (the cpu preset's 1856 tokens is the
-# smallest multiple of 32 that achieves it on data/explain; 1885 makes every word one token).
-MAX_TOKENS_PER_WORD = 2
-
-
-def world_tokenizer(cfg: TokenizerConfig, world: World) -> Tokenizer:
-    """The BPE tokenizer trained on `world.corpus()` with `cfg.vocab_size` tokens, checked.
-
-    MinidpoError naming ``--vocab-size`` (before anything is written) when the size is
-    more than the corpus can fill, or too small for the world: a word that needs more
-    than `MAX_TOKENS_PER_WORD` tokens, or a lone " " token before a word.
-    """
-    corpus = world.corpus()
-    tok = train_bpe(corpus, cfg.vocab_size)
-    if tok.vocab_size != cfg.vocab_size:
-        raise MinidpoError(
-            f"--vocab-size {cfg.vocab_size}: the world's corpus supports at most "
-            f"{tok.vocab_size} tokens (every word is then one token)"
-        )
-    problem = coverage_problem(tok, corpus, MAX_TOKENS_PER_WORD)
-    if problem is not None:
-        raise MinidpoError(f"--vocab-size {cfg.vocab_size}: too small for the world: {problem}")
-    return tok
-
-
-def prepare_tokenizer(run: RunConfig, cfg: TokenizerConfig, world: World) -> Tokenizer:
-    """The run's tokenizer: trained (a fraction of a second) and checked by `world_tokenizer`,
-    then written to runs/<name>/tokenizer.json. A file already there is kept if it holds
-    the same tokenizer and refused otherwise (unreadable, another version, other merges),
-    left as found, unless `run.force`."""
-    tok = world_tokenizer(cfg, world)
-    path = run_paths(run).tokenizer
-    if path.exists() and not run.force:
-        if Tokenizer.load(path).merges != tok.merges:
-            raise MinidpoError(
-                f"{path}: holds another tokenizer; use --force to retrain or --name for a new run"
-            )
-        return tok
-    tok.save(path)
-    return tok
 
 
 def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -156,7 +109,7 @@ def run_sft(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Train the SFT policy (`resume`: continue from its checkpoint); returns its summary."""
-    out = run_paths(run).sft_dir
+    out = RunPaths.of(run).sft_dir
     stage_config = {
         "tokenizer": to_dict(tok_cfg),
         "model": to_dict(model_cfg),
@@ -222,12 +175,6 @@ def load_summary(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _tokenizer(ctx: Context, resume: bool) -> dict[str, Any]:
-    tok = prepare_tokenizer(dataclasses.replace(ctx.run, force=True), ctx.cfg["tokenizer"],
-                            load_world())  # fmt: skip
-    return {"vocab_size": tok.vocab_size}
-
-
 def _sft(ctx: Context, resume: bool) -> dict[str, Any]:
     c = ctx.cfg
     s = run_sft(ctx.run, c["tokenizer"], c["model"], c["sft"], resume=resume,
@@ -235,9 +182,6 @@ def _sft(ctx: Context, resume: bool) -> dict[str, Any]:
     return {k: s[k] for k in ("steps", "train_loss", "eval_loss", "wall_s") if k in s}
 
 
-TOKENIZER_STAGE = Stage("tokenizer", _tokenizer, ("tokenizer",), (), inputs=lambda c: [],
-                        outputs=lambda c: [c.paths.tokenizer],
-                        check=lambda c: world_tokenizer(c.cfg["tokenizer"], load_world()) and None)  # fmt: skip
 SFT_STAGE = Stage("sft", _sft, ("tokenizer", "model", "sft"), ("tokenizer",),
                   inputs=lambda c: [c.paths.tokenizer],
                   outputs=lambda c: [c.paths.sft_dir / "checkpoint.pt"])  # fmt: skip

@@ -57,7 +57,7 @@ class Context:
 
     @property
     def paths(self) -> RunPaths:
-        return RunPaths(Path(self.run.runs_dir) / self.run.name, self.inputs)
+        return RunPaths.of(self.run, self.inputs)
 
     @property
     def folder(self) -> Path:

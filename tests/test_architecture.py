@@ -49,7 +49,7 @@ class Import:
     source: str  # the importing module
     line: int
     target: str  # the imported module
-    where: str  # "minidpo/evaluation.py:35"
+    where: str  # "minidpo/comparison.py:35"
 
 
 def modules(pkg: Path) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minidpo.config import ModelConfig, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.model import (
     GPT,
@@ -76,6 +77,7 @@ def test_config_from_dict_rejects_unknown_key() -> None:
     [
         TINY,
         GPTConfig(vocab_size=512),
+        GPTConfig(vocab_size=512, n_layer=4, n_embd=128),
         GPTConfig(vocab_size=100, block_size=20, n_layer=3, n_head=3, n_embd=24, bias=False),
         GPTConfig(vocab_size=7, block_size=9, n_layer=1, n_head=1, n_embd=8),
     ],
@@ -91,7 +93,14 @@ def test_param_count_matches_formula(config: GPTConfig) -> None:
 
 def test_param_count_known_answer() -> None:
     # 512*128 + 128*128 + 4*(12*128**2 + 13*128) + 2*128, worked out in the docstring
-    assert param_count(GPTConfig(vocab_size=512)) == 875264
+    assert param_count(GPTConfig(vocab_size=512, n_layer=4, n_embd=128)) == 875264
+    # the defaults are the cpu preset's: 512*96 + 128*96 + 3*(12*96**2 + 13*96) + 2*96
+    assert param_count(GPTConfig(vocab_size=512)) == 397152
+
+
+def test_gpt_defaults_are_the_model_config_defaults() -> None:
+    gpt = GPTConfig(vocab_size=512)
+    assert {k: getattr(gpt, k) for k in to_dict(ModelConfig())} == to_dict(ModelConfig())
 
 
 def test_weights_are_tied() -> None:

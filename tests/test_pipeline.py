@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from minidpo.cli import _context, build_parser, main
-from minidpo.evaluation import best_of_n_kl
+from minidpo.comparison import best_of_n_kl
 from minidpo.pipeline import STAGE_NAMES, run_pipeline
-from minidpo.report import cost_table, matched_kl_gaps, pareto, smooth
+from minidpo.report import cost_table, frontier_table, matched_kl_gaps, pareto, smooth
 
 
 def ctx_for(root: Path, name: str, *extra: str):
@@ -174,6 +174,26 @@ def test_matched_kl_gaps_compare_the_best_reward_at_each_kl(tmp_path):
     assert [k for k, _, _ in gaps] == pytest.approx([0.8, 1.6, 2.4, 3.2, 4.0])
     assert [d for _, d, _ in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
     assert [se for _, _, se in gaps] == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_frontier_table_keeps_each_runs_last_and_best_snapshot(tmp_path):
+    pts = [
+        {"method": "SFT", "setting": "", "kl": 0.0, "kl_se": 0.0, "reward": 0.0,
+         "reward_se": 0.1, "step": 0},
+        {"method": "DPO", "setting": "beta=0.1", "kl": 0.2, "kl_se": 0.01, "reward": 0.6,
+         "reward_se": 0.05, "step": 10},
+        {"method": "DPO", "setting": "beta=0.1", "kl": 0.4, "kl_se": 0.02, "reward": 0.5,
+         "reward_se": 0.04, "step": 20},
+        {"method": "DPO", "setting": "beta=1", "kl": 0.1, "kl_se": 0.0, "reward": 0.3,
+         "reward_se": 0.03, "step": 20},
+    ]  # fmt: skip
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": pts}))
+    rows = {(r["method"], r["setting"]): r for r in frontier_table(tmp_path)}
+    assert set(rows) == {("SFT", ""), ("DPO", "beta=0.1"), ("DPO", "beta=1")}
+    r = rows[("DPO", "beta=0.1")]
+    assert (r["reward"], r["kl"], r["best_reward"]) == (0.5, 0.4, 0.6)  # last is step 20
+    assert rows[("DPO", "beta=1")]["best_reward"] == 0.3
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16])

@@ -306,7 +306,7 @@ def test_bad_merges_in_constructor_raise() -> None:
 def world_tok() -> Tokenizer:
     """The project's real tokenizer: the cpu preset's vocabulary on the world's corpus."""
     from minidpo.config import TokenizerConfig
-    from minidpo.sft import world_tokenizer
+    from minidpo.tokenizer_stage import world_tokenizer
     from minidpo.world import load_world
 
     return world_tokenizer(TokenizerConfig(), load_world())
@@ -390,7 +390,7 @@ def test_bad_vocab_size_is_refused_by_the_flag(vocab_size: int, message: str, tm
         assert e.value.code == 2, cmd
         assert not (tmp_path / "runs").exists(), cmd
     from minidpo.config import TokenizerConfig
-    from minidpo.sft import world_tokenizer
+    from minidpo.tokenizer_stage import world_tokenizer
     from minidpo.world import load_world
 
     with pytest.raises(MinidpoError, match=f"--vocab-size {vocab_size}: .*{message}"):

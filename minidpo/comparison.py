@@ -1,4 +1,5 @@
-"""The pipeline's evaluation: every method measured the same way, on the held-out prompts.
+"""The pipeline's comparison (its ``eval`` stage): every method measured the same way, on
+the held-out prompts; `minidpo.evaluate` measures one policy.
 
 * Final policies (SFT, DPO, PPO, PPO-GT, Preferred-FT) and Best-of-N: oracle
   reward ± standard error, KL(pi || pi_ref) on the policy's own samples, win rate
