@@ -18,6 +18,7 @@ Left out: rejection-sampling fine-tuning on Best-of-N outputs, and any KL contro
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from minidpo.policy import load_policy
 from minidpo.preferences import load_pairs, tokenize_pairs
 from minidpo.reward_model import load_reward_model
 from minidpo.sampling import Sample, sample_responses
-from minidpo.scoring import ScoreFn, oracle_breakdowns
+from minidpo.scoring import ScoreFn, oracle_breakdowns, oracle_scores
 from minidpo.seeds import seed_of, stream
 from minidpo.sft import lm_loss, mean_lm_loss
 from minidpo.stage import Context, Method, Stage, method_config, training_summary
@@ -123,7 +124,7 @@ def run_preferred_ft(
     return summary
 
 
-def best_of_n(
+def best_of_n_candidates(
     policy: GPT,
     tok: Tokenizer,
     prompts: Sequence[str],
@@ -133,27 +134,64 @@ def best_of_n(
     seed: int,
     temperature: float = 1.0,
     max_new_tokens: int = 64,
-) -> list[Sample]:
-    """For each prompt, the highest-scoring of `n` samples of `policy` (ties: the earliest).
-
-    The candidates of prompt i are rows i*n .. i*n + n - 1 of one batched
-    `sample_responses` call with `seed`, so n = 1 is exactly plain sampling.
-    """
+) -> tuple[list[Sample], torch.Tensor]:
+    """`n` samples of `policy` per prompt and their scores (P*n,) float64: the candidates of
+    prompt i are rows i*n .. i*n + n - 1 of one batched `sample_responses` call with `seed`."""
     if n < 1:
         raise MinidpoError(f"--n: Best-of-N needs n >= 1, got {n}")
     expanded = [p for p in prompts for _ in range(n)]
     candidates = sample_responses(
         policy, tok, expanded, seed=seed, temperature=temperature, max_new_tokens=max_new_tokens
     )
-    if n == 1:
-        return candidates
     scores = torch.as_tensor(score_fn(candidates), dtype=torch.float64).cpu()  # (P*n,)
     if scores.shape != (len(candidates),):
         raise ValueError(
             f"score_fn returned shape {tuple(scores.shape)}, expected ({len(candidates)},)"
         )
-    best = scores.view(len(prompts), n).argmax(dim=1)  # (P,): first maximum of each row
-    return [candidates[i * n + int(b)] for i, b in enumerate(best)]
+    return candidates, scores
+
+
+def pick_best(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Index of the first highest score in each consecutive group of `n`: (len/n,)."""
+    best = scores.view(-1, n).argmax(dim=1)  # first maximum of each row
+    return torch.arange(best.numel()) * n + best
+
+
+def best_of_n(
+    policy: GPT, tok: Tokenizer, prompts: Sequence[str], *, n: int, **kw: Any
+) -> list[Sample]:
+    """For each prompt, the highest-scoring of `n` samples of `policy` (ties: the earliest;
+    n = 1 is plain sampling). `kw`: ``score_fn``, ``seed``, ``temperature``,
+    ``max_new_tokens``, as `best_of_n_candidates` takes them."""
+    candidates, scores = best_of_n_candidates(policy, tok, prompts, n=n, **kw)
+    return [candidates[int(i)] for i in pick_best(scores, n)]
+
+
+def best_of_n_curve(
+    scores: torch.Tensor, oracle: torch.Tensor, n: int, ns: Sequence[int]
+) -> list[dict[str, float]]:
+    """Best-of-N for every N in `ns` from the same pool: `scores` and `oracle` (P*n,) hold
+    n candidates per prompt; each prompt's n split into n/N groups of N consecutive ones,
+    the best of each group by `scores` kept. Returns per N the oracle reward of the kept
+    (mean, se over all kept), how many were kept, and the closed-form KL.
+
+    Example: n = 2, scores [0, 1], oracle [5, 3]: N=1 keeps both (mean 4), N=2 keeps the
+    second (3)."""
+    out = []
+    for N in ns:
+        if N < 1 or n % N:
+            raise MinidpoError(f"Best-of-N curve: N={N} must divide the pool of {n} candidates")
+        kept = oracle[pick_best(scores, N)].double()
+        se = float(kept.std(unbiased=True) / kept.numel() ** 0.5) if kept.numel() > 1 else 0.0
+        out.append({"n": N, "reward": float(kept.mean()), "reward_se": se,
+                    "selections": int(kept.numel()), "kl": best_of_n_kl(N)})  # fmt: skip
+    return out
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || pi) = log n - (n - 1)/n for a continuous score, an upper bound with
+    ties (Beirami et al. 2024, arXiv 2401.01879, who prove the bound)."""
+    return math.log(n) - (n - 1) / n
 
 
 def preferred_ft_stage(
@@ -200,9 +238,16 @@ def best_of_n_samples(ctx: Context, resume: bool = False) -> dict[str, Any]:
         )
         return rm.score(candidates)
 
-    picked = best_of_n(policy, tok, prompts, n=p.best_of_n, score_fn=score,
-                       seed=seed_of(ctx.run.seed, "eval/samples"), temperature=ev.temperature,
-                       max_new_tokens=ev.max_new_tokens)  # fmt: skip
+    candidates, scores = best_of_n_candidates(
+        policy, tok, prompts, n=p.best_of_n, score_fn=score,
+        seed=seed_of(ctx.run.seed, "eval/samples"), temperature=ev.temperature,
+        max_new_tokens=ev.max_new_tokens,
+    )  # fmt: skip
+    picked = [candidates[int(i)] for i in pick_best(scores, p.best_of_n)]
+    held_out = (len(prompts) - GRAVITY_SAMPLES) * p.best_of_n  # the curve: held-out prompts only
+    curve = best_of_n_curve(scores[:held_out], oracle_scores(candidates[:held_out]), p.best_of_n,
+                            [N for N in (1, 2, 4, 8, 16, 32, 64) if p.best_of_n % N == 0])  # fmt: skip
+    atomic_write_json(ctx.paths.best_of_n_samples.with_name("curve.json"), {"curve": curve})
     rows = [{"prompt": s.prompt, "response": s.response, "terminated": s.terminated,
              "n_tokens": len(s.response_ids), "oracle": b.total, "unparseable": b.unparseable > 0}
             for s, b in zip(picked, oracle_breakdowns(picked), strict=True)]  # fmt: skip
@@ -221,6 +266,6 @@ PREFERRED_FT_METHOD = Method(
 BEST_OF_N_STAGE = Stage(
     "best_of_n", best_of_n_samples, ("eval",), ("rm",),
     inputs=lambda c: [c.paths.sft, c.paths.rm],
-    outputs=lambda c: [c.paths.best_of_n_samples],
+    outputs=lambda c: [c.paths.best_of_n_samples, c.paths.best_of_n_samples.with_name("curve.json")],
     extra_key=lambda c: [c.cfg["pipeline"].best_of_n, c.cfg["pipeline"].best_of_n_samples_per_prompt],
 )  # fmt: skip

@@ -98,6 +98,9 @@ def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inp
     run = _run(args)
     cfg = {g: _cfg(cls, g, args) if g in groups else resolve(cls, g, args.preset or "cpu", None)
            for g, cls in GROUPS.items()}  # fmt: skip
+    for g in groups:  # the command's own flags first, before any input is read
+        if hasattr(cfg[g], "validate"):
+            cfg[g].validate(f"{g.replace('_', '-')}-" if g in getattr(args, "prefixed", ()) else "")
     given = {k: Path(v) for k, v in inputs.items() if v}
     ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
                   force={name} if run.force else set(), inputs=given)  # fmt: skip

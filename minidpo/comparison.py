@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from minidpo.atomic import atomic_write_json
-from minidpo.baselines import GRAVITY, GRAVITY_SAMPLES
+from minidpo.baselines import GRAVITY, GRAVITY_SAMPLES, best_of_n_kl
 from minidpo.checkpoints import file_sha256, load_checkpoint, snapshots
 from minidpo.evaluate import EvalResult, evaluate_policy, summarize
 from minidpo.policy import build_policy, load_policy
@@ -38,9 +37,18 @@ from minidpo.stage import Context, Method, Stage
 from minidpo.world import load_world
 
 
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || pi) = log n - (n - 1)/n for a continuous score (upper bound with ties)."""
-    return math.log(n) - (n - 1) / n
+def outside_pairs_share(samples: Sequence[Sample], pairs_path: Path) -> float | None:
+    """Share of `samples` whose response is none of the responses (chosen or rejected) the
+    preference pairs at `pairs_path` hold for the same prompt: where the probability mass
+    that leaves the pairs goes (likelihood displacement; None without pairs)."""
+    if not pairs_path.exists():
+        return None
+    seen: dict[str, set[str]] = {}
+    for line in pairs_path.open(encoding="utf-8"):
+        row = json.loads(line)
+        seen.setdefault(row["prompt"], set()).update((row["chosen"], row["rejected"]))
+    outside = [s.response not in seen.get(s.prompt, ()) for s in samples]
+    return sum(outside) / len(outside) if outside else None
 
 
 def _eval_prompts() -> list[str]:
@@ -135,18 +143,20 @@ def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
     final reward and KL of each, and what the report needs of the methods: the stages
     each one's cost counts, and its setting."""
     ev, p = ctx.cfg["eval"], ctx.cfg["pipeline"]
-    ref, tok, sft_result, _, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
-    final = {"SFT": sft_result.to_dict()}
+    ref, tok, sft_result, sft_samples, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
+    final = {"SFT": {**sft_result.to_dict(),
+                     "outside_pairs": outside_pairs_share(sft_samples, ctx.paths.eval_pairs)}}  # fmt: skip
     rewards = {"SFT": sft_rewards}
     gravity = {"SFT": _gravity(ref, tok, ctx)}
     for method, folder in policy_dirs(ctx, methods).items():
         model, _ = load_policy(folder / "checkpoint.pt", ctx.device)
-        result, _, r = evaluate_policy(
+        result, samples, r = evaluate_policy(
             model, tok, _eval_prompts(), samples_per_prompt=ev.samples_per_prompt,
             seed=seed_of(ctx.run.seed, "eval/samples"), ref=ref, temperature=ev.temperature,
             max_new_tokens=ev.max_new_tokens, ref_rewards=sft_rewards,
         )  # fmt: skip
-        final[method], rewards[method] = result.to_dict(), r
+        outside = outside_pairs_share(samples, ctx.paths.eval_pairs)
+        final[method], rewards[method] = {**result.to_dict(), "outside_pairs": outside}, r
         gravity[method] = _gravity(model, tok, ctx)
     bon_result, bon = _best_of_n(ctx, sft_rewards)
     name = f"Best-of-{p.best_of_n}"
@@ -156,10 +166,10 @@ def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
     gravity[name] = [{"response": x["response"], "terminated": x["terminated"], "oracle": x["oracle"]}
                      for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
     frontier = _frontier(ctx, methods, ref, tok, sft_result, sft_rewards)
-    frontier.append({"method": name, "setting": "", "seed": ctx.run.seed, "step": 0,
-                     "elapsed_s": 0.0, "reward": bon_result.reward_mean,
-                     "reward_se": bon_result.reward_se, "kl": best_of_n_kl(p.best_of_n),
-                     "kl_se": 0.0})  # fmt: skip
+    curve = json.loads(ctx.paths.best_of_n_samples.with_name("curve.json").read_text())["curve"]
+    frontier += [{"method": "Best-of-N", "setting": f"N={c['n']}", "seed": ctx.run.seed,
+                  "step": 0, "elapsed_s": 0.0, "reward": c["reward"], "reward_se": c["reward_se"],
+                  "kl": c["kl"], "kl_se": 0.0} for c in curve if c["n"] > 1]  # fmt: skip
     out = {
         "prompts": "held-out",
         "samples_per_prompt": ev.samples_per_prompt,
@@ -220,7 +230,7 @@ def eval_stage(methods: Sequence[Method]) -> Stage:
         "eval", lambda ctx, resume: evaluate_all(ctx, methods), ("eval",),
         (*(m.stage.name for m in methods), "best_of_n"),
         inputs=lambda c: [c.paths.sft, *(d / "checkpoint.pt" for d in policy_dirs(c, methods).values()),
-                          c.paths.best_of_n_samples],
+                          c.paths.best_of_n_samples, c.paths.best_of_n_samples.with_name("curve.json")],
         outputs=lambda c: [c.paths.results],
         extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
                              c.cfg["pipeline"].reach_margin],

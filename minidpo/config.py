@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from minidpo.errors import MinidpoError
+from minidpo.losses import check_loss_args
 
 T = TypeVar("T")
 
@@ -116,6 +117,16 @@ class DPOConfig:
         "sigmoid", "sigmoid (DPO), ipo, hinge, robust; sigmoid + --label-smoothing = cDPO"
     )
     label_smoothing: float = _f(0.0, "label noise eps for conservative/robust DPO (0 <= eps < 0.5)")
+    nll_alpha: float = _f(
+        0.0,
+        "weight of the chosen response's mean token NLL added to the loss, DPO + NLL "
+        "(RPO, Pang et al. 2024, arXiv 2404.19733; TRL's rpo_alpha); 0: off",
+    )
+    dpop_lambda: float = _f(
+        0.0,
+        "DPOP penalty lambda * max(0, log pi_ref(y_w) - log pi(y_w)) taken off the margin "
+        "(Pal et al. 2024, arXiv 2402.13228, Eq. 3); 0: off",
+    )
     steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
     lr: float = _f(1e-4, "peak learning rate (AdamW)")
@@ -128,6 +139,12 @@ class DPOConfig:
     snapshot_every: int = _f(
         0, "save the weights every N steps, the frontier's points (0: about 4 per run)"
     )
+
+    def validate(self, flag_prefix: str = "") -> None:
+        """Raise MinidpoError naming the flag of a bad loss setting, before anything runs
+        (`minidpo.losses.check_loss_args`; its messages name the unprefixed flag)."""
+        check_loss_args(self.beta, self.loss, self.label_smoothing, nll_alpha=self.nll_alpha,
+                        dpop_lambda=self.dpop_lambda)  # fmt: skip
 
 
 @dataclass
@@ -185,7 +202,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "frontier_samples_per_prompt": 1,
             "seeds": 2,
             "sweep_dpo_betas": "0.1,0.5",
-            "sweep_ppo_kl_coefs": "0.05",
+            "sweep_ppo_kl_targets": "1",
+            "sweep_unlikelihood_alphas": "0.5",
         },
     },
     "cpu": {},

@@ -13,7 +13,13 @@ What makes it cheap, as in the reference implementation:
 
 Metrics follow TRL's names: loss, rewards/chosen, rewards/rejected,
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected (prefixed
-train/ and eval/; eval is every held-out pair).
+train/ and eval/; eval is every held-out pair). With the displacement remedies of
+``minidpo.losses`` on, loss/nll (--nll-alpha > 0, the unweighted mean token NLL of
+y_w) and loss/dpop_penalty (--dpop-lambda > 0) are logged too. On the held-out
+pairs, logps/chosen_rose and logps/rejected_rose are the shares of pairs whose
+policy log-prob is above the reference's: likelihood displacement (Razin et al.
+2024, arXiv 2410.08847) shows as eval/logps/chosen_rose near 0 while
+eval/rewards/accuracies rises.
 
 Left out: a reference model updated during training (TR-DPO), length
 normalisation, padding-free packing.
@@ -82,14 +88,20 @@ def reference_logps(
     return chosen, rejected
 
 
+def chosen_lengths(data: TokenizedPairs) -> torch.Tensor:
+    """|y_w| of every pair (N,): its tokens, end-of-text included, as the response mask counts."""
+    return torch.tensor([len(c) for c in data.chosen], dtype=torch.float32)
+
+
 def preference_metrics(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     cfg: DPOConfig,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean loss over the pairs and TRL-named metrics."""
+    """Mean loss over the pairs and TRL-named metrics; `lengths` (|y_w|, (B,)) for --nll-alpha."""
     out = preference_loss(
         policy_chosen,
         policy_rejected,
@@ -98,10 +110,13 @@ def preference_metrics(
         beta=cfg.beta,
         loss_type=cfg.loss,
         label_smoothing=cfg.label_smoothing,
+        nll_alpha=cfg.nll_alpha,
+        dpop_lambda=cfg.dpop_lambda,
+        chosen_lengths=lengths,
     )
     loss = out.losses.mean()
     margins = out.chosen_rewards - out.rejected_rewards
-    return loss, {
+    metrics = {
         "loss": loss.item(),
         "rewards/chosen": out.chosen_rewards.mean().item(),
         "rewards/rejected": out.rejected_rewards.mean().item(),
@@ -110,19 +125,43 @@ def preference_metrics(
         "logps/chosen": policy_chosen.detach().mean().item(),
         "logps/rejected": policy_rejected.detach().mean().item(),
     }
+    if out.nll is not None:
+        metrics["loss/nll"] = out.nll.mean().item()
+    if out.dpop_penalty is not None:
+        metrics["loss/dpop_penalty"] = out.dpop_penalty.mean().item()
+    return loss, metrics
+
+
+def displacement_metrics(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> dict[str, float]:
+    """Shares of pairs whose policy log-prob rose above the reference's, chosen and rejected.
+
+    Likelihood displacement (Razin et al. 2024, arXiv 2410.08847) is logps/chosen_rose
+    near 0: the margin grows while log pi(y_w|x) falls too.
+    """
+    return {
+        "logps/chosen_rose": (policy_chosen > ref_chosen).float().mean().item(),
+        "logps/rejected_rose": (policy_rejected > ref_rejected).float().mean().item(),
+    }
 
 
 def run_dpo(
     cfg: DPOConfig, job: Job, *, sft_path: Path, train_pairs: Path, eval_pairs: Path | None
 ) -> dict[str, Any]:
     """Train a DPO policy from the SFT checkpoint on the pairs; returns the final metrics."""
-    check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing)
+    check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing, nll_alpha=cfg.nll_alpha,
+                    dpop_lambda=cfg.dpop_lambda)  # fmt: skip
     stage_config = provenance("dpo", cfg, job.seed, sft=sft_path, pairs=train_pairs)
     seed, device, out_dir = job.seed, torch.device(job.device), job.out_dir
     policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
     ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device)
+    train_lengths = chosen_lengths(train_data)
     if eval_pairs is not None:
         eval_data = tokenize_pairs(load_pairs(eval_pairs)[0], tok, block, str(eval_pairs))
         eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device)
@@ -136,13 +175,14 @@ def run_dpo(
         batch, idx = item
         pc, pr = concatenated_logprobs(model, batch)
         loss, metrics = preference_metrics(
-            pc, pr, ref_c[idx].to(device), ref_r[idx].to(device), cfg
+            pc, pr, ref_c[idx].to(device), ref_r[idx].to(device), cfg, train_lengths[idx].to(device)
         )
         return loss, {**metrics, "tokens": batch.n_tokens}
 
     def eval_fn(model: torch.nn.Module) -> dict[str, float]:
         pc, pr = compute_logps(model, eval_data, tok.eot_id)
-        return preference_metrics(pc, pr, eval_ref[0], eval_ref[1], cfg)[1]
+        metrics = preference_metrics(pc, pr, *eval_ref, cfg, chosen_lengths(eval_data))[1]
+        return {**metrics, **displacement_metrics(pc, pr, *eval_ref)}
 
     loop = LoopConfig.from_config(cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]")
     extra = stage_state(kind="policy", stage="dpo", model_config=to_dict(policy.config),
@@ -188,19 +228,28 @@ REF_LOGPS_STAGE = Stage(
 def stage(
     name: str = "dpo",
     *,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | Callable[[Context], dict[str, Any]] | None = None,
     seed: int | None = None,
     folder: Callable[[Context], Path] | None = None,
 ) -> Stage:
     """The DPO stage: the run's own (``dpo``), or a sweep's or a lesson's run with
-    `overrides` of DPOConfig fields, its own `seed` and `folder`."""
+    `overrides` of DPOConfig fields (or a function of the context giving them), its own
+    `seed` and `folder`."""
+
+    def over(ctx: Context) -> dict[str, Any] | None:
+        return overrides(ctx) if callable(overrides) else overrides
 
     def config(ctx: Context) -> DPOConfig:
-        return method_config(ctx, "dpo", overrides, "steps")
+        return method_config(ctx, "dpo", over(ctx), "steps")
 
     def out(ctx: Context) -> Path:
+        if folder:
+            return folder(ctx)
         cfg = config(ctx)
-        return folder(ctx) if folder else ctx.paths.dpo_dir(cfg.loss, cfg.beta, cfg.label_smoothing)
+        tag = "-".join(
+            f"{k}{v:g}" for k, v in (("nll", cfg.nll_alpha), ("dpop", cfg.dpop_lambda)) if v
+        )
+        return ctx.paths.dpo_dir(cfg.loss, cfg.beta, cfg.label_smoothing, tag)
 
     def inputs(ctx: Context) -> list[Path]:
         held_out = [ctx.paths.eval_pairs] if ctx.paths.eval_pairs.exists() else []
@@ -216,7 +265,8 @@ def stage(
 
     return Stage(name, fn, ("dpo",), ("ref_logps",), inputs=inputs,
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
-                 extra_key=lambda c: [overrides, seed])  # fmt: skip
+                 extra_key=lambda c: [over(c), seed],
+                 check=lambda c: config(c).validate())  # fmt: skip
 
 
 METHOD = Method(
@@ -226,3 +276,23 @@ METHOD = Method(
                                                    folder=folder),
     folder="dpo-beta",
 )  # fmt: skip
+
+
+def _remedy(name: str, field: str, key: str, value: Callable[[Context], float]) -> Method:
+    """DPO at the pipeline's beta with one likelihood-displacement remedy switched on."""
+    return Method(
+        name, stage(name.lower().replace("+", "_"), overrides=lambda c: {field: value(c)}),
+        key=key, value=value, cost_with=("ref_logps",), sweep=lambda c: [value(c)],
+        variant=lambda run, v, seed, folder: stage(run, overrides={field: v}, seed=seed,
+                                                   folder=folder),
+        folder=f"{name.lower().replace('+', '-')}-{key}",
+    )  # fmt: skip
+
+
+# Two remedies for likelihood displacement (Razin et al. 2024, arXiv 2410.08847), each a
+# method of its own on the frontier: the chosen response's NLL added to the loss (RPO,
+# Pang et al. 2024) and DPOP's penalty on a falling chosen log-prob (Pal et al. 2024).
+NLL_METHOD = _remedy("DPO+NLL", "nll_alpha", "alpha", lambda c: c.cfg["pipeline"].nll_remedy_alpha)
+DPOP_METHOD = _remedy(
+    "DPOP", "dpop_lambda", "lambda", lambda c: c.cfg["pipeline"].dpop_remedy_lambda
+)

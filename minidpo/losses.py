@@ -20,6 +20,26 @@ the loss types are (names as in TRL's ``DPOTrainer``):
     "hinge"    SLiC-HF calibration loss (Zhao et al. 2023, arXiv 2305.10425):
                                         relu(1 - beta h)
 
+Two options against likelihood displacement, DPO lowering log pi(y_w|x) along with
+log pi(y_l|x) while their margin grows (Razin et al. 2024, arXiv 2410.08847); each is
+off at 0 and then skipped entirely, so the losses above are computed bit for bit:
+
+    dpop_lambda  DPOP (Pal et al. 2024, "Smaug", arXiv 2402.13228, Eq. 3), with the
+                 penalised margin h~ = h - lambda max(0, log pi_ref(y_w|x) - log pi(y_w|x)):
+                                        -log sigma(beta h~)
+                 The penalty is subtracted from h before the loss type is applied, so
+                 every loss type and label smoothing see the penalised margin h~ in place
+                 of h (cDPO's eps term included: it is cDPO on h~, not DPOP of the swapped
+                 pair). The paper defines it for "sigmoid" only; the others are this
+                 project's extension. The implicit rewards stay beta (log pi - log pi_ref).
+    nll_alpha    DPO + NLL (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's ``rpo_alpha``,
+                 ``loss_type=["sigmoid", "sft"]``), added to any loss type L:
+                                        L + alpha NLL,   NLL = -log pi(y_w|x) / |y_w|
+                 the chosen response's mean token NLL, |y_w| its tokens in the response
+                 mask (end-of-text included). This is a per-pair mean; TRL's "sft" term
+                 averages over all chosen tokens of the batch (a token mean), which equals
+                 the batch mean of this only when the chosen lengths are equal.
+
 `bradley_terry_loss` is the reward model's loss that DPO replaces (Eq. 2): the same
 -log sigma of a margin, on an explicit reward r(x, y) instead of beta h.
 
@@ -53,18 +73,32 @@ class PreferenceLoss(NamedTuple):
     losses: torch.Tensor  # (B,) differentiable; take .mean() for the batch loss
     chosen_rewards: torch.Tensor  # (B,) beta * (log pi(y_w) - log pi_ref(y_w)), detached
     rejected_rewards: torch.Tensor  # (B,) beta * (log pi(y_l) - log pi_ref(y_l)), detached
+    nll: torch.Tensor | None = None  # (B,) -log pi(y_w) / |y_w|, detached; None: nll_alpha = 0
+    dpop_penalty: torch.Tensor | None = None  # (B,) DPOP's max(0, ...), detached; None: lambda 0
 
 
-def check_loss_args(beta: float, loss_type: str, label_smoothing: float) -> None:
-    """Raise MinidpoError unless beta > 0, loss_type is known and 0 <= eps < 0.5."""
-    if not beta > 0:
-        raise MinidpoError(f"--beta: beta must be > 0, got {beta!r}")
+def check_loss_args(
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    *,
+    nll_alpha: float = 0.0,
+    dpop_lambda: float = 0.0,
+) -> None:
+    """Raise MinidpoError unless beta is finite and > 0, loss_type is known, 0 <= eps < 0.5,
+    and nll_alpha, dpop_lambda are finite and >= 0 (each message names its flag)."""
+    if not (beta > 0 and math.isfinite(beta)):
+        raise MinidpoError(f"--beta: beta must be finite and > 0, got {beta!r}")
     if loss_type not in LOSS_TYPES:
         raise MinidpoError(f"--loss: unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if not 0.0 <= label_smoothing < 0.5:
         raise MinidpoError(
             f"--label-smoothing: label_smoothing must be in [0, 0.5), got {label_smoothing!r}"
         )
+    for name, value in (("nll_alpha", nll_alpha), ("dpop_lambda", dpop_lambda)):
+        if not (value >= 0 and math.isfinite(value)):
+            flag = "--" + name.replace("_", "-")
+            raise MinidpoError(f"{flag}: {name} must be finite and >= 0, got {value!r}")
 
 
 def preference_loss(
@@ -76,10 +110,15 @@ def preference_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    nll_alpha: float = 0.0,
+    dpop_lambda: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,  # (B,) |y_w| in tokens; needed if nll_alpha > 0
 ) -> PreferenceLoss:
     """Per-pair preference losses for one batch of B pairs (see the module docstring).
 
     ``F.logsigmoid`` keeps the loss and its gradient finite for margins of any size.
+    `chosen_lengths` counts each chosen response's masked tokens (the loader refuses
+    empty responses, so each is >= 1).
 
     Example:
         >>> t = torch.tensor
@@ -87,11 +126,16 @@ def preference_loss(
         >>> round(out.losses.item(), 4)
         0.5501
     """
-    check_loss_args(beta, loss_type, label_smoothing)
+    check_loss_args(beta, loss_type, label_smoothing, nll_alpha=nll_alpha, dpop_lambda=dpop_lambda)
     eps = label_smoothing
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
     h = chosen_logratios - rejected_logratios  # (B,) the margin inside Eq. 7
+    penalty = None
+    if dpop_lambda:
+        # DPOP, Eq. 3 of arXiv 2402.13228: max(0, log pi_ref(y_w) - log pi(y_w)), kink gradient 0
+        penalty = torch.relu(-chosen_logratios)  # (B,)
+        h = h - dpop_lambda * penalty  # (B,) the penalised margin h~, for every loss type
     if loss_type == "sigmoid":
         # Eq. 7, arXiv 2305.18290 (eps = 0); cDPO (Mitchell 2023, Eq. 3) for eps > 0
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
@@ -104,10 +148,18 @@ def preference_loss(
         losses = (h - 1 / (2 * beta)) ** 2  # Eq. 17, arXiv 2310.12036
     else:  # "hinge"
         losses = torch.relu(1 - beta * h)  # SLiC-HF calibration loss, arXiv 2305.10425
+    nll = None
+    if nll_alpha:
+        if chosen_lengths is None:
+            raise ValueError("preference_loss: nll_alpha > 0 needs chosen_lengths")
+        nll = -policy_chosen_logps / chosen_lengths  # (B,) mean token NLL of y_w
+        losses = losses + nll_alpha * nll  # DPO + NLL (RPO), arXiv 2404.19733
     # Eq. 5, arXiv 2305.18290: implicit reward r = beta log(pi/pi_ref) (+ beta log Z, dropped)
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
-    return PreferenceLoss(losses, chosen_rewards, rejected_rewards)
+    nll = None if nll is None else nll.detach()
+    penalty = None if penalty is None else penalty.detach()
+    return PreferenceLoss(losses, chosen_rewards, rejected_rewards, nll, penalty)
 
 
 def bradley_terry_loss(

@@ -1,8 +1,9 @@
 """A float64 NumPy reference for the preference losses, with gradients derived by hand.
 
 The same loss family as ``minidpo.losses`` (DPO Eq. 7 of arXiv 2305.18290, cDPO,
-robust DPO, IPO, SLiC hinge), written without autograd so that every derivative is
-on the page and can be checked against torch autograd to 1e-10.
+robust DPO, IPO, SLiC hinge; the DPOP penalty and the DPO + NLL term), written
+without autograd so that every derivative is on the page and can be checked against
+torch autograd to 1e-10.
 
 Derivation. Write a_w = log pi(y_w|x), a_l = log pi(y_l|x), their reference twins
 b_w, b_l, and
@@ -29,6 +30,17 @@ Each loss depends on the log-probs only through h, and dh/da_w = +1, dh/da_l = -
         L     = max(0, 1 - u)
         dL/dh = -beta if u < 1 else 0      (0 at the kink, as torch.relu's gradient)
 
+The two options against likelihood displacement (see ``minidpo.losses``):
+
+    DPOP (arXiv 2402.13228, Eq. 3) puts the penalised margin in place of h in every loss,
+        h~ = h - lambda max(0, b_w - a_w),   k = 1[b_w > a_w]  (0 at the kink, as torch.relu)
+        dh~/da_w = 1 + lambda k,   dh~/db_w = -(1 + lambda k),   dh~/da_l = -1,   dh~/db_l = +1
+    so dL/da_w = (1 + lambda k) dL/dh~ and dL/db_w = -(1 + lambda k) dL/dh~: while the
+    chosen response sits below the reference, the margin's pull on a_w is (1 + lambda)-fold.
+    DPO + NLL (RPO, arXiv 2404.19733) adds alpha NLL with NLL = -a_w / n_w (n_w = |y_w|
+    in tokens), which touches a_w only:
+        dL/da_w += -alpha / n_w.
+
 From sequence log-probs to logits. A sequence log-prob is a masked sum over its
 tokens, S = sum_t m_t log softmax(z_t)[y_t], with z_t in R^V the logits at step t.
 Since log softmax(z)[y] = z_y - log sum_v exp(z_v),
@@ -39,6 +51,9 @@ For a batch that is the concatenation [chosen; rejected] of 2B sequences and the
 batch loss mean_i L_i over the B pairs, row i < B gets dL/dS_i = (1/B) dL_i/da_w
 and row B + i gets dL/dS_{B+i} = (1/B) dL_i/da_l; the chain rule multiplies these
 into dS/dz_t above.
+
+For DPO + NLL, n_w is the chosen row's mask sum; the NLL's gradient takes the same
+route, dL/dS_i gaining -alpha / (B n_w,i).
 
 Left out: anything but float64 NumPy; no batching tricks, no reference-model
 gradients through logits (the reference is frozen).
@@ -118,15 +133,23 @@ def preference_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    nll_alpha: float = 0.0,
+    dpop_lambda: float = 0.0,
+    chosen_lengths: np.ndarray | None = None,  # (B,) |y_w| in tokens; needed if nll_alpha > 0
 ) -> PreferenceLossNP:
     """The losses of ``minidpo.losses.preference_loss`` and their gradients, in float64."""
-    check_loss_args(beta, loss_type, label_smoothing)
+    check_loss_args(beta, loss_type, label_smoothing, nll_alpha=nll_alpha, dpop_lambda=dpop_lambda)
     eps = label_smoothing
     a_w, a_l, b_w, b_l = (
         np.asarray(v, dtype=np.float64)
         for v in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     )
     h = (a_w - b_w) - (a_l - b_l)  # (B,)
+    slope_w = 1.0  # dh~/da_w; x * 1.0 is exact, so lambda = 0 changes no bit
+    if dpop_lambda:
+        # DPOP, arXiv 2402.13228 Eq. 3: h~ = h - lambda max(0, b_w - a_w)
+        h = h - dpop_lambda * np.maximum(0.0, b_w - a_w)
+        slope_w = np.where(b_w - a_w > 0, 1.0 + dpop_lambda, 1.0)  # (B,) 1 + lambda k
     u = beta * h
     if loss_type == "sigmoid":
         # Eq. 7, arXiv 2305.18290; cDPO for eps > 0
@@ -142,13 +165,20 @@ def preference_loss(
     else:  # "hinge", SLiC-HF arXiv 2305.10425
         losses = np.maximum(0.0, 1 - u)
         dl_dh = np.where(1 - u > 0, -beta, 0.0)
+    grad_chosen = dl_dh * slope_w  # dh~/da_w = 1 + lambda k
+    if nll_alpha:
+        if chosen_lengths is None:
+            raise ValueError("preference_loss: nll_alpha > 0 needs chosen_lengths")
+        n_w = np.asarray(chosen_lengths, dtype=np.float64)
+        losses = losses + nll_alpha * (-a_w / n_w)  # DPO + NLL (RPO), arXiv 2404.19733
+        grad_chosen = grad_chosen - nll_alpha / n_w  # d(-alpha a_w / n_w)/da_w
     return PreferenceLossNP(
         losses=losses,
         chosen_rewards=beta * (a_w - b_w),  # Eq. 5, arXiv 2305.18290, beta log Z dropped
         rejected_rewards=beta * (a_l - b_l),
-        grad_policy_chosen=dl_dh,  # dh/da_w = +1
+        grad_policy_chosen=grad_chosen,
         grad_policy_rejected=-dl_dh,  # dh/da_l = -1
-        grad_ref_chosen=-dl_dh,
+        grad_ref_chosen=-dl_dh * slope_w,  # dh~/db_w = -(1 + lambda k)
         grad_ref_rejected=dl_dh,
     )
 
@@ -161,11 +191,15 @@ def dpo_logit_gradient(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    *,
+    nll_alpha: float = 0.0,
+    dpop_lambda: float = 0.0,
 ) -> tuple[float, np.ndarray]:
     """Mean preference loss over the B pairs and its gradient w.r.t. the logits (2B, T, V).
 
     The batch is the concatenation [chosen; rejected]: rows 0..B-1 are y_w, rows
-    B..2B-1 the matching y_l. See the module docstring for the derivation.
+    B..2B-1 the matching y_l; |y_w| for DPO + NLL is a chosen row's mask sum. See the
+    module docstring for the derivation.
     """
     logits = np.asarray(logits, dtype=np.float64)
     mask = np.asarray(mask, dtype=np.float64)
@@ -180,6 +214,7 @@ def dpo_logit_gradient(
     out = preference_loss(
         seq[:b], seq[b:], ref[:b], ref[b:],
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        nll_alpha=nll_alpha, dpop_lambda=dpop_lambda, chosen_lengths=mask[:b].sum(-1),
     )  # fmt: skip
     # dL/dS per row for the mean over B pairs
     dl_dseq = np.concatenate([out.grad_policy_chosen, out.grad_policy_rejected]) / b  # (2B,)

@@ -26,6 +26,7 @@ from typing import Any
 from minidpo import dpo, ppo, unlikelihood
 from minidpo.atomic import atomic_write_json
 from minidpo.baselines import BEST_OF_N_STAGE, PREFERRED_FT_METHOD, PreferredFTConfig
+from minidpo.claims import REPORT_STAGE, write_full_report
 from minidpo.comparison import eval_stage, evaluate_sweep
 from minidpo.config import (
     DPOConfig,
@@ -41,7 +42,7 @@ from minidpo.cost import measure
 from minidpo.errors import MinidpoError
 from minidpo.ppo import PPOConfig
 from minidpo.preferences import PREFS_STAGE
-from minidpo.report import PLOTS_STAGE, REPORT_STAGE, make_plots, write_report
+from minidpo.report import PLOTS_STAGE, make_plots
 from minidpo.reward_model import RM_STAGE, RewardModelConfig
 from minidpo.sft import SFT_STAGE
 from minidpo.stage import Context, Method, Stage, read_stamp, run_stage
@@ -59,13 +60,23 @@ class PipelineConfig:
     best_of_n: int = _f(16, "N of the Best-of-N baseline (candidates per prompt, SFT samples)")
     best_of_n_samples_per_prompt: int = _f(8, "Best-of-N selections evaluated per prompt")
     ppo_gt_kl_coef: float = _f(0.05, "KL coefficient of PPO-GT (PPO on the oracle reward)")
-    frontier_samples_per_prompt: int = _f(4, "samples per held-out prompt at each frontier point")
+    frontier_samples_per_prompt: int = _f(
+        8,
+        "samples per held-out prompt at each frontier point (8 x 40 prompts x 3 seeds: se < 0.05)",
+    )
     reach_margin: float = _f(
         0.2, "cost table: time to first reach the SFT oracle reward + this margin"
     )
     seeds: int = _f(3, "sweep: seeds per setting (seed, seed + 1, ...)")
-    sweep_dpo_betas: str = _f("0.1,0.3,1", "sweep: DPO betas, comma-separated")
-    sweep_ppo_kl_coefs: str = _f("0.02,0.05,0.2", "sweep: PPO KL coefficients, comma-separated")
+    nll_remedy_alpha: float = _f(1.0, "DPO+NLL: weight of the chosen response's NLL (RPO's 1)")
+    dpop_remedy_lambda: float = _f(50.0, "DPOP: lambda of its penalty (the DPOP paper's 50)")
+    sweep_dpo_betas: str = _f("0.05,0.1,1,5", "sweep: DPO betas, comma-separated (the paper's)")
+    sweep_ppo_kl_targets: str = _f(
+        "1,2,4", "sweep: KL targets (nats) of PPO's adaptive KL controller, comma-separated"
+    )
+    sweep_unlikelihood_alphas: str = _f(
+        "0.05,0.1,0.5,1", "sweep: Unlikelihood alphas, comma-separated (the paper's)"
+    )
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value (its flags are never
@@ -74,10 +85,15 @@ class PipelineConfig:
                      "seeds"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
+        for name in ("nll_remedy_alpha", "dpop_remedy_lambda"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0 and finite")
         if not self.ppo_gt_kl_coef > 0:
             raise MinidpoError(f"--ppo-gt-kl-coef: must be > 0, got {self.ppo_gt_kl_coef}")
-        self.floats("sweep_dpo_betas")
-        self.floats("sweep_ppo_kl_coefs")
+        for name in ("sweep_dpo_betas", "sweep_ppo_kl_targets", "sweep_unlikelihood_alphas"):
+            self.floats(name)
+        if any(a > 1 for a in self.floats("sweep_unlikelihood_alphas")):
+            raise MinidpoError("--sweep-unlikelihood-alphas: each alpha must be in (0, 1]")
 
     def floats(self, name: str) -> list[float]:
         """A comma-separated list field as floats (one clear error naming the flag)."""
@@ -113,6 +129,8 @@ GROUPS: dict[str, type] = {
 # line here (docs/ARCHITECTURE.md, "Adding a method").
 METHODS: list[Method] = [
     dpo.METHOD,
+    dpo.NLL_METHOD,
+    dpo.DPOP_METHOD,
     ppo.RLHF_METHOD,
     ppo.GT_METHOD,
     PREFERRED_FT_METHOD,
@@ -202,10 +220,10 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
         run_stage(ctx, method.sweep_stage(ctx, value, seed), stamps)
     ctx.log("[sweep] evaluating every snapshot")
     with measure(ctx.device) as cost:
-        points = evaluate_sweep(ctx, [(m.name, m.label(v), m.sweep_dir(ctx, v, s), s)
+        points = evaluate_sweep(ctx, [(m.name, m.sweep_label(v), m.sweep_dir(ctx, v, s), s)
                                       for m, v, s in runs])  # fmt: skip
     make_plots(ctx.folder)
-    write_report(ctx.folder)
+    write_full_report(ctx.folder)
     wall = {n: s["cost"]["wall_s"] for n, s in stamps.items()}
     wall["sweep_eval"] = cost.wall_s
     total = time.perf_counter() - t0

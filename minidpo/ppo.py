@@ -104,7 +104,9 @@ class PPOConfig:
     kl_coef: float = _f(0.05, "beta: per-token KL penalty coefficient (initial one if adaptive)")
     adaptive_kl: bool = _f(False, "steer beta towards --kl-target (Ziegler et al. 2019)")
     kl_target: float = _f(6.0, "target sequence KL (nats) of the adaptive controller")
-    kl_horizon: int = _f(10000, "adaptive controller horizon, in samples")
+    kl_horizon: int = _f(
+        128, "adaptive controller horizon, in samples (128: beta can move about 10 % per iteration)"
+    )
     gamma: float = _f(1.0, "discount (1: the score at the end counts fully for every token)")
     lam: float = _f(0.95, "GAE lambda (bias-variance trade-off of the advantages)")
     clip_range: float = _f(0.2, "PPO ratio clip epsilon (Eq. 7)")
@@ -496,6 +498,7 @@ def ppo_iteration(
         # sampling + policy/ref/value log-probs (+ a learned scorer) + per epoch policy and value
         "tokens/forward": n_tok * (1 + 3 + (score_fn is not oracle_scores) + 2 * cfg.ppo_epochs),
         "tokens/backward": n_tok * 2 * cfg.ppo_epochs,
+        "tokens/sampled": float(mask.sum()),  # response tokens generated this iteration
     }
 
 
@@ -555,15 +558,19 @@ def stage(
     *,
     reward: str = "rm",
     kl_coef: Callable[[Context], float] | None = None,
+    kl_target: float | None = None,
     seed: int | None = None,
     folder: Callable[[Context], Path] | None = None,
 ) -> Stage:
     """The PPO stage against the reward model (``reward="rm"``, RLHF) or the oracle
     (``"oracle"``, PPO-GT, which takes no missing-end-of-text penalty: r* charges its
-    own); `kl_coef`, `seed` and `folder` make PPO-GT's and the sweep's runs."""
+    own); `kl_coef`, `kl_target` (the adaptive controller steering towards it, as the
+    paper's PPO runs did), `seed` and `folder` make PPO-GT's and the sweep's runs."""
 
     def config(ctx: Context) -> PPOConfig:
         over = {} if kl_coef is None else {"kl_coef": kl_coef(ctx)}
+        if kl_target is not None:
+            over.update(adaptive_kl=True, kl_target=kl_target)
         if reward == "oracle":
             over["missing_eot_penalty"] = 0.0
         return method_config(ctx, "ppo", over, "iterations")
@@ -602,7 +609,8 @@ def stage(
 
     return Stage(name, fn, ("ppo",), ("rm",) if reward == "rm" else ("sft",), inputs=inputs,
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
-                 extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed],
+                 extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed,
+                                      *([] if kl_target is None else [kl_target])],
                  check=lambda c: training_prompts(c) and None)  # fmt: skip
 
 
@@ -610,12 +618,15 @@ def _gt_kl(ctx: Context) -> float:
     return ctx.cfg["pipeline"].ppo_gt_kl_coef
 
 
+# The pipeline's own PPO run has a fixed KL coefficient; the sweep, as the paper's Figure 2,
+# runs the adaptive controller at several KL targets (the paper: 3, 6, 9, 12 nats; here
+# `PipelineConfig.sweep_ppo_kl_targets`, spanning this world's range).
 RLHF_METHOD = Method(
     "PPO", stage("ppo", reward="rm"), key="kl", value=lambda c: c.cfg["ppo"].kl_coef,
-    cost_with=("rm",), sweep=lambda c: c.cfg["pipeline"].floats("sweep_ppo_kl_coefs"),
-    variant=lambda name, kl, seed, folder: stage(name, reward="rm", kl_coef=lambda c: kl,
-                                                 seed=seed, folder=folder),
-    folder="ppo-rm-kl",
+    cost_with=("rm",), sweep=lambda c: c.cfg["pipeline"].floats("sweep_ppo_kl_targets"),
+    variant=lambda name, target, seed, folder: stage(name, reward="rm", kl_target=target,
+                                                     seed=seed, folder=folder),
+    folder="ppo-rm-target", sweep_key="target",
 )  # fmt: skip
 GT_METHOD = Method(
     "PPO-GT", stage("ppo_gt", reward="oracle", kl_coef=_gt_kl), key="kl", value=_gt_kl,

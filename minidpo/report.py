@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from minidpo.atomic import atomic_write_text
 from minidpo.evaluate import mean_se
@@ -27,9 +28,9 @@ from minidpo.plots import figure, save_png
 from minidpo.stage import Context, Stage
 from minidpo.training import read_metrics
 
-METHOD_ORDER = ["SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"]
-COLORS = {"SFT": "black", "DPO": "C0", "PPO": "C3", "PPO-GT": "C2", "Preferred-FT": "C4",
-          "Unlikelihood": "C5"}  # fmt: skip
+METHOD_ORDER = ["SFT", "DPO", "DPO+NLL", "DPOP", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"]
+COLORS = {"SFT": "black", "DPO": "C0", "DPO+NLL": "C9", "DPOP": "C7", "PPO": "C3",
+          "PPO-GT": "C2", "Preferred-FT": "C4", "Unlikelihood": "C5"}  # fmt: skip
 
 
 def _color(method: str) -> str:
@@ -243,7 +244,7 @@ def make_plots(folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- numbers
 
 
-def _stamps(folder: Path) -> dict[str, dict[str, Any]]:
+def stamps_of(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for p in sorted((folder / "stages").glob("*.json")):
         try:
@@ -256,7 +257,7 @@ def _stamps(folder: Path) -> dict[str, dict[str, Any]]:
 def cost_table(folder: Path) -> list[dict[str, Any]]:
     """Per method: wall time, tokens through forward/backward, peak memory, and the
     training time to first reach the SFT oracle reward + the reach margin."""
-    stamps = _stamps(folder)
+    stamps = stamps_of(folder)
     results = load_results(folder)
     points, _ = frontier_points(folder)
     target = results["final"]["SFT"]["reward_mean"] + results["reach_margin"]
@@ -315,6 +316,63 @@ def frontier_lines(folder: Path) -> list[str]:
     return L
 
 
+def _reference_means(folder: Path) -> tuple[float, float] | None:
+    """Mean log pi_ref(y_w|x) and log pi_ref(y_l|x) over the held-out pairs (the cache)."""
+    found = sorted((folder / "prefs").glob("eval.ref-*.pt"))
+    if not found:
+        return None
+    cache = torch.load(found[0], map_location="cpu", weights_only=True)
+    return float(cache["chosen"].mean()), float(cache["rejected"].mean())
+
+
+DPO_FAMILY = ("dpo-beta*", "dpo-nll-alpha*", "dpop-lambda*")
+
+
+def displacement_table(folder: Path) -> list[dict[str, Any]]:
+    """Likelihood displacement in every DPO-family run of the sweep (Razin et al. 2024,
+    arXiv 2410.08847), mean over seeds at the last held-out evaluation: the change of the
+    mean chosen and rejected log-probs from the reference's, and the shares of pairs whose
+    chosen or rejected log-prob rose above the reference's."""
+    ref = _reference_means(folder)
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for pattern in DPO_FAMILY:
+        for path in sorted(folder.glob(f"sweep/seed*/{pattern}/metrics.jsonl")):
+            ev = [r for r in read_metrics(path) if "eval/logps/chosen_rose" in r]
+            if ev:
+                runs[path.parent.name].append(ev[-1])
+    rows = []
+    for name, last in runs.items():
+        mean = {k: float(np.mean([r[f"eval/{k}"] for r in last]))
+                for k in ("logps/chosen", "logps/rejected", "logps/chosen_rose",
+                          "logps/rejected_rose", "rewards/accuracies")}  # fmt: skip
+        rows.append({"run": name, "seeds": len(last),
+                     "chosen_change": None if ref is None else mean["logps/chosen"] - ref[0],
+                     "rejected_change": None if ref is None else mean["logps/rejected"] - ref[1],
+                     "chosen_rose": mean["logps/chosen_rose"],
+                     "rejected_rose": mean["logps/rejected_rose"],
+                     "accuracy": mean["rewards/accuracies"]})  # fmt: skip
+    return rows
+
+
+def displacement_lines(folder: Path) -> list[str]:
+    """`displacement_table` as markdown (nothing when no DPO run logged it)."""
+    rows = displacement_table(folder)
+    if not rows:
+        return []
+    L = ["## Likelihood displacement", "",
+         "Every DPO-family run of the sweep at its last held-out evaluation (mean over seeds): "
+         "the change of the mean log-prob of the held-out pairs' chosen and rejected responses "
+         "from the reference's, the share of pairs whose log-prob rose above the reference's, "
+         "and the implicit reward's pair accuracy.", "",
+         "| run | seeds | Δ log π(y_w) | Δ log π(y_l) | chosen rose | rejected rose | pair accuracy |",
+         "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        L.append(f"| {r['run']} | {r['seeds']} | {_fmt(r['chosen_change'], '+.2f')} | "
+                 f"{_fmt(r['rejected_change'], '+.2f')} | {r['chosen_rose']:.1%} | "
+                 f"{r['rejected_rose']:.1%} | {r['accuracy']:.1%} |")  # fmt: skip
+    return [*L, ""]
+
+
 def best_at(points: Sequence[dict[str, Any]], kl: float) -> dict[str, Any]:
     """The upper frontier as a function: the best point among those with KL <= kl."""
     return max((p for p in points if p["kl"] <= kl), key=lambda p: p["reward"])
@@ -324,9 +382,10 @@ def matched_kl_gaps(
     folder: Path, a: str = "DPO", b: str = "PPO"
 ) -> list[tuple[float, float, float]]:
     """(KL, best reward of a - best reward of b among points with at most that KL, the
-    standard error of that difference from the two points' own), on 5
-    KLs up to the smaller of the two methods' largest KL. SFT (KL 0) belongs to both: a
-    method that never beat it has SFT's reward as its frontier."""
+    standard error of that difference from the two points' own), on 5 KLs evenly from the
+    smallest KL where either method has a point to the smaller of the two methods' largest
+    KL. SFT (KL 0) belongs to both: a method that never beat it, or has no point yet at
+    that KL, has SFT's reward as its frontier."""
     points, _ = frontier_points(folder)
     sft = [p for p in points if p["method"] == "SFT"]
     pa = [p for p in points if p["method"] == a] + sft
@@ -334,10 +393,12 @@ def matched_kl_gaps(
     if len(pa) == len(sft) or len(pb) == len(sft):
         return []
     hi = min(max(p["kl"] for p in pa), max(p["kl"] for p in pb))
-    if hi <= 0:
+    # from the smallest KL where either method has a point (below it both are SFT)
+    lo = min(p["kl"] for p in pa + pb if p["method"] != "SFT" and p["kl"] > 0) if hi > 0 else 0
+    if hi <= 0 or lo > hi:
         return []
     out = []
-    for k in np.linspace(0, hi, 6)[1:]:
+    for k in np.linspace(lo, hi, 5):
         ba, bb = best_at(pa, k), best_at(pb, k)
         out.append((float(k), ba["reward"] - bb["reward"],
                     float(np.hypot(ba.get("reward_se") or 0, bb.get("reward_se") or 0))))  # fmt: skip
@@ -425,26 +486,32 @@ def reward_model_lines(folder: Path, stamps: dict[str, dict]) -> list[str]:
     ]  # fmt: skip
 
 
-def write_report(folder: str | Path) -> Path:
-    """``report.md``: plots, tables, "Explain gravity." side by side, the conclusion."""
+def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
+    """``report.md``: plots, tables, "Explain gravity." side by side, the conclusion, and
+    `extra` lines after the conclusion (the claims ledger, `minidpo.claims`)."""
     folder = Path(folder)
     results = load_results(folder)
     final = results["final"]
     spp = results["samples_per_prompt"]
-    stamps = _stamps(folder)
+    stamps = stamps_of(folder)
     total = sum(s["cost"]["wall_s"] for n, s in stamps.items() if not n.startswith("sweep-"))
     sweep_timing = folder / "sweep" / "timing.json"
     _, source = frontier_points(folder)
     L = [f"# minidpo report: {folder.name}", ""]
-    L += ["## Conclusion", "", conclusion(folder), ""]
+    L += ["## Conclusion", "", conclusion(folder), "", *extra]
     L += [f"## Held-out evaluation ({spp} samples per held-out prompt; oracle reward ± se)", ""]
-    L += ["| method | oracle reward | KL(π‖π_ref) | win vs SFT | unparseable | length |",
-          "|---|---|---|---|---|---|"]  # fmt: skip
+    L += [
+        "Outside the pairs: the share of samples that are none of the held-out pairs'"
+        " responses to the same prompt (where likelihood displacement sends the mass).",
+        "",
+    ]
+    L += ["| method | oracle reward | KL(π‖π_ref) | win vs SFT | unparseable | outside the pairs "
+          "| length |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, r in final.items():
         kl = _fmt(r.get("kl_mean"), ".2f") + (" (closed form)" if r.get("kl_note") else "")
         L.append(f"| {m} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} | "
                  f"{_fmt(r.get('win_rate_vs_ref'), '.1%')} | {r['unparseable_rate']:.1%} | "
-                 f"{r['mean_length']:.1f} |")  # fmt: skip
+                 f"{_fmt(r.get('outside_pairs'), '.1%')} | {r['mean_length']:.1f} |")  # fmt: skip
     L += ["", *reward_model_lines(folder, stamps)]
     L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
     L += [
@@ -453,6 +520,7 @@ def write_report(folder: str | Path) -> Path:
         *frontier_lines(folder),
         "",
     ]
+    L += displacement_lines(folder)
     L += ["## Cost per method", ""]
     rows = cost_table(folder)
     target = final["SFT"]["reward_mean"]
@@ -501,12 +569,5 @@ def _plots(ctx: Context, resume: bool) -> dict[str, Any]:
     return {"plots": [str(p.relative_to(ctx.folder)) for p in make_plots(ctx.folder)]}
 
 
-def _report(ctx: Context, resume: bool) -> dict[str, Any]:
-    return {"report": str(write_report(ctx.folder).relative_to(ctx.folder))}
-
-
 PLOTS_STAGE = Stage("plots", _plots, (), ("eval",), inputs=lambda c: [c.paths.results],
                     outputs=lambda c: sorted(c.paths.plots_dir.glob("*.png")))  # fmt: skip
-REPORT_STAGE = Stage("report", _report, (), ("eval", "plots"),
-                     inputs=lambda c: [c.paths.results, *sorted(c.paths.plots_dir.glob("*.png"))],
-                     outputs=lambda c: [c.paths.report])  # fmt: skip

@@ -229,10 +229,16 @@ class Method:
     sweep: Callable[[Context], list[float]] = _no_sweep
     variant: Variant | None = None
     folder: str = ""
+    sweep_key: str = ""  # the swept setting when it is not `key` (PPO: "target", its KL target)
 
     def label(self, value: float | None) -> str:
         """A setting as tables and plots write it: "beta=0.5" ("" without a key)."""
         return f"{self.key}={value:g}" if self.key and value is not None else ""
+
+    def sweep_label(self, value: float) -> str:
+        """A sweep run's setting: "beta=0.5", or "target=2" where the sweep varies another."""
+        key = self.sweep_key or self.key
+        return f"{key}={value:g}" if key else ""
 
     def setting(self, ctx: Context) -> str:
         """The pipeline's own setting: "beta=0.1"."""
@@ -240,12 +246,14 @@ class Method:
 
     def sweep_dir(self, ctx: Context, value: float, seed: int) -> Path:
         """The folder of one sweep run: ``sweep/seed<s>/<folder><value>``."""
-        tag = f"{self.folder}{value:g}" if self.key else self.folder
+        tag = f"{self.folder}{value:g}" if self.sweep_key or self.key else self.folder
         return ctx.folder / "sweep" / f"seed{seed}" / tag
 
     def sweep_stage(self, ctx: Context, value: float, seed: int) -> Stage:
         """One run of the sweep as a stage (its stamp: ``sweep-<method>-<setting>-seed<s>``)."""
         if self.variant is None:
             raise MinidpoError(f"{self.name} has no sweep variant")
-        name = f"sweep-{self.name}-{self.label(value) or 'default'}-seed{seed}".replace("=", "")
+        name = f"sweep-{self.name}-{self.sweep_label(value) or 'default'}-seed{seed}".replace(
+            "=", ""
+        )
         return self.variant(name, value, seed, lambda c: self.sweep_dir(c, value, seed))

@@ -170,7 +170,7 @@ def stage(
 
 METHOD = Method(
     "Unlikelihood", stage(), key="alpha", value=lambda c: c.cfg["unlikelihood"].alpha,
-    sweep=lambda c: [c.cfg["unlikelihood"].alpha],
+    sweep=lambda c: c.cfg["pipeline"].floats("sweep_unlikelihood_alphas"),
     variant=lambda name, alpha, seed, folder: stage(name, alpha=alpha, seed=seed, folder=folder),
     folder="unlikelihood-alpha",
 )  # fmt: skip

@@ -47,6 +47,25 @@ def test_unknown_preset(tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["dpo", "--nll-alpha", "-1"], "--nll-alpha"),
+        (["dpo", "--dpop-lambda", "nan"], "--dpop-lambda"),
+        (["dpo", "--beta", "inf"], "--beta"),
+        (["ppo", "--adaptive-kl", "--kl-target", "0"], "--kl-target"),
+        (["pipeline", "--dpo-nll-alpha", "-0.5"], "--nll-alpha"),
+        (["sweep", "--sweep-ppo-kl-targets", "2,0"], "--sweep-ppo-kl-targets"),
+        (["sweep", "--sweep-unlikelihood-alphas", "-0.1"], "--sweep-unlikelihood-alphas"),
+    ],
+)
+def test_bad_method_settings_are_one_line_exit_2_before_anything(tmp_path, capsys, argv, flag):
+    assert main([*argv, "--preset", "tiny", "--runs-dir", str(tmp_path)]) == 2
+    (line,) = _err_lines(capsys)
+    assert flag in line
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     assert (
         main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2

@@ -10,7 +10,7 @@ from minidpo.checkpoints import load_checkpoint
 from minidpo.config import DPOConfig, resolve
 from minidpo.dpo import run_dpo
 from minidpo.errors import MinidpoError
-from minidpo.losses import LOSS_TYPES
+from minidpo.losses import LOSS_TYPES, preference_loss
 from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, load_pairs, save_pairs, tokenize_pairs
 from minidpo.training import Job, read_metrics
@@ -68,6 +68,10 @@ def test_metrics_names_and_first_step_known_answer(tiny_sft, pair_files, tmp_pat
         assert f"eval/{name}" in rows[-1]
     # at step 1 the policy IS the reference: implicit rewards 0, loss = -log sigmoid(0) = ln 2
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # the displacement metric, held out only; the options' terms only when they are on
+    assert 0.0 <= rows[-1]["eval/logps/chosen_rose"] <= 1.0
+    assert 0.0 <= rows[-1]["eval/logps/rejected_rose"] <= 1.0
+    assert not any(k.endswith(("_rose", "loss/nll", "loss/dpop_penalty")) for k in rows[0])
     assert rows[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert rows[-1]["train/loss"] < math.log(2)
     model, tok = load_policy(tmp_path / "a" / "checkpoint.pt")
@@ -127,9 +131,58 @@ def test_every_loss_type_trains(tiny_sft, pair_files, tmp_path, loss):
     assert math.isfinite(s["train/loss"])
 
 
+def test_displacement_remedies_train_and_log_their_terms(tiny_sft, pair_files, tmp_path):
+    _run(tiny_sft, pair_files, tmp_path / "r", steps=2, nll_alpha=1.0, dpop_lambda=5.0)
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    for prefix in ("train/", "eval/"):
+        assert math.isfinite(rows[-1][f"{prefix}loss/nll"]) and rows[-1][f"{prefix}loss/nll"] > 0
+        assert rows[-1][f"{prefix}loss/dpop_penalty"] >= 0
+    # step 1: the policy is the reference, so h = 0 and the penalty is ~0 (float noise
+    # between the cached and the training forward): loss = ln 2 + NLL
+    first = rows[0]
+    assert first["train/loss/dpop_penalty"] == pytest.approx(0.0, abs=1e-4)
+    assert first["train/loss"] == pytest.approx(math.log(2) + first["train/loss/nll"], abs=1e-3)
+    assert 0.0 <= rows[-1]["eval/logps/chosen_rose"] <= 1.0
+
+
+def test_chosen_lengths_count_the_response_mask(tiny_sft, pair_files):
+    train, _ = pair_files
+    model, tok = load_policy(tiny_sft)
+    data = tokenize_pairs(load_pairs(train)[0], tok, model.config.block_size, "x")
+    idx = [0, 3, 5, 7]
+    mask_counts = data.batch(idx, tok.eot_id).mask[: len(idx)].sum(-1)  # (B,) chosen rows
+    torch.testing.assert_close(dpo_mod.chosen_lengths(data)[idx], mask_counts, rtol=0, atol=0)
+
+
+def test_default_config_metrics_equal_the_plain_loss():
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-10 * torch.rand(16, generator=g) for _ in range(4))
+    cfg = DPOConfig()
+    loss, metrics = dpo_mod.preference_metrics(pc, pr, rc, rr, cfg, torch.ones(16))
+    plain = preference_loss(pc, pr, rc, rr, beta=cfg.beta)  # the call before the options
+    assert torch.equal(loss, plain.losses.mean())
+    assert list(metrics) == TRL_NAMES  # no new keys in the default rows
+
+
+def test_displacement_metrics_known_answer():
+    """Chosen -1, -2, -3, -4 against a reference at -2: only -1 rose (-2 is level): 1/4.
+    Rejected -1, -1, -3, -1 against -2: three rose: 3/4."""
+    ref = torch.full((4,), -2.0)
+    got = dpo_mod.displacement_metrics(
+        torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([-1.0, -1.0, -3.0, -1.0]), ref, ref
+    )
+    assert got == {"logps/chosen_rose": 0.25, "logps/rejected_rose": 0.75}
+
+
 def test_bad_input(tiny_sft, pair_files, tmp_path):
     with pytest.raises(MinidpoError, match="--beta"):
         _run(tiny_sft, pair_files, tmp_path / "x", beta=0.0)
+    with pytest.raises(MinidpoError, match="--beta"):
+        _run(tiny_sft, pair_files, tmp_path / "x", beta=float("inf"))
+    with pytest.raises(MinidpoError, match="--nll-alpha"):
+        _run(tiny_sft, pair_files, tmp_path / "x", nll_alpha=-1.0)
+    with pytest.raises(MinidpoError, match="--dpop-lambda"):
+        _run(tiny_sft, pair_files, tmp_path / "x", dpop_lambda=float("nan"))
     with pytest.raises(MinidpoError, match="--loss"):
         _run(tiny_sft, pair_files, tmp_path / "x", loss="kto")
     long = save_pairs(

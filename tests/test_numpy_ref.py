@@ -16,12 +16,23 @@ from minidpo import numpy_ref
 from minidpo.losses import LOSS_TYPES, preference_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [  # (loss_type, beta, label_smoothing)
-    *[("sigmoid", b, e) for b in (0.1, 0.5, 2.0) for e in (0.0, 0.25)],
-    *[("robust", b, e) for b in (0.1, 0.5, 2.0) for e in (0.0, 0.25)],
-    *[("ipo", b, 0.0) for b in (0.1, 0.5, 2.0)],
-    *[("hinge", b, 0.0) for b in (0.1, 0.5, 2.0)],
+CONFIGS = [  # (loss_type, beta, label_smoothing, nll_alpha, dpop_lambda)
+    *[("sigmoid", b, e, 0.0, 0.0) for b in (0.1, 0.5, 2.0) for e in (0.0, 0.25)],
+    *[("robust", b, e, 0.0, 0.0) for b in (0.1, 0.5, 2.0) for e in (0.0, 0.25)],
+    *[("ipo", b, 0.0, 0.0, 0.0) for b in (0.1, 0.5, 2.0)],
+    *[("hinge", b, 0.0, 0.0, 0.0) for b in (0.1, 0.5, 2.0)],
+    # the displacement remedies: DPO + NLL (RPO), DPOP, both, on every loss type
+    *[
+        ("sigmoid", b, 0.0, a, lam)
+        for b in (0.1, 2.0)
+        for a, lam in ((1.0, 0.0), (0.0, 5.0), (0.5, 50.0))
+    ],
+    ("sigmoid", 0.5, 0.25, 0.5, 5.0),
+    ("robust", 0.5, 0.25, 0.5, 5.0),
+    ("ipo", 0.5, 0.0, 0.5, 5.0),
+    ("hinge", 0.1, 0.0, 0.5, 5.0),
 ]
+ARGS = ("loss_type", "beta", "eps", "alpha", "lam")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -38,7 +49,7 @@ def _batch(seed: int, b: int = 3, t: int = 6, v: int = 9):
     return logits, labels, mask, ref
 
 
-def _torch_mean_loss(logits, labels, mask, ref, beta, loss_type, eps, device, dtype):
+def _torch_mean_loss(logits, labels, mask, ref, beta, loss_type, eps, alpha, lam, device, dtype):
     """Autograd: log_softmax, gather, masked sum, preference_loss, mean, backward to logits."""
     z = torch.tensor(logits, dtype=dtype, device=device, requires_grad=True)  # (2B, T, V)
     y = torch.tensor(labels, device=device)
@@ -48,67 +59,81 @@ def _torch_mean_loss(logits, labels, mask, ref, beta, loss_type, eps, device, dt
     seq.retain_grad()
     b = seq.shape[0] // 2
     out = preference_loss(
-        seq[:b], seq[b:], r[:b], r[b:], beta=beta, loss_type=loss_type, label_smoothing=eps
-    )
+        seq[:b], seq[b:], r[:b], r[b:], beta=beta, loss_type=loss_type, label_smoothing=eps,
+        nll_alpha=alpha, dpop_lambda=lam, chosen_lengths=m[:b].sum(-1),
+    )  # fmt: skip
     loss = out.losses.mean()
     loss.backward()
     to_np = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
     return to_np(loss), to_np(seq.grad), to_np(z.grad)
 
 
-def _compare(loss_type, beta, eps, device, dtype, rtol, atol, seed=0):
+def _compare(loss_type, beta, eps, alpha, lam, device, dtype, rtol, atol, seed=0):
     logits, labels, mask, ref = _batch(seed)
     # the reference sees the very numbers torch sees, rounded to `dtype`
     logits = torch.tensor(logits, dtype=dtype).double().numpy()
     ref = torch.tensor(ref, dtype=dtype).double().numpy()
     t_loss, t_dseq, t_dlogits = _torch_mean_loss(
-        logits, labels, mask, ref, beta, loss_type, eps, device, dtype
+        logits, labels, mask, ref, beta, loss_type, eps, alpha, lam, device, dtype
     )
     n_loss, n_dlogits = numpy_ref.dpo_logit_gradient(
-        logits, labels, mask, ref, beta, loss_type, eps
+        logits, labels, mask, ref, beta, loss_type, eps, nll_alpha=alpha, dpop_lambda=lam
     )
     seq = numpy_ref.sequence_logprobs(logits, labels, mask)
     b = len(seq) // 2
     out = numpy_ref.preference_loss(
-        seq[:b], seq[b:], ref[:b], ref[b:], beta=beta, loss_type=loss_type, label_smoothing=eps
-    )
+        seq[:b], seq[b:], ref[:b], ref[b:], beta=beta, loss_type=loss_type, label_smoothing=eps,
+        nll_alpha=alpha, dpop_lambda=lam, chosen_lengths=mask[:b].sum(-1),
+    )  # fmt: skip
     n_dseq = np.concatenate([out.grad_policy_chosen, out.grad_policy_rejected]) / b
-    tag = f"{loss_type} beta={beta} eps={eps} {device} {dtype}"
+    tag = f"{loss_type} beta={beta} eps={eps} alpha={alpha} lambda={lam} {device} {dtype}"
     assert_allclose(t_loss, n_loss, rtol=rtol, atol=atol, err_msg=f"loss, {tag}")
     assert_allclose(t_dseq, n_dseq, rtol=rtol, atol=atol, err_msg=f"d loss/d logps, {tag}")
     assert_allclose(t_dlogits, n_dlogits, rtol=rtol, atol=atol, err_msg=f"d loss/d logits, {tag}")
 
 
-@pytest.mark.parametrize(("loss_type", "beta", "eps"), CONFIGS)
-def test_matches_torch_autograd_float64_cpu(loss_type, beta, eps):
-    _compare(loss_type, beta, eps, "cpu", torch.float64, rtol=1e-10, atol=1e-13)
+@pytest.mark.parametrize(ARGS, CONFIGS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_torch_autograd_float64_cpu(loss_type, beta, eps, alpha, lam, seed):
+    _compare(
+        loss_type, beta, eps, alpha, lam, "cpu", torch.float64, rtol=1e-10, atol=1e-13, seed=seed
+    )
+
+
+def test_the_batches_cover_both_sides_of_the_dpop_kink():
+    """Seed 0: every chosen row below its reference (DPOP's penalty on in all pairs);
+    seed 1: on in one pair, off in two, so both branches of dh~/da_w reach the logits."""
+    for seed, want in ((0, [True, True, True]), (1, [False, True, False])):
+        logits, labels, mask, ref = _batch(seed)
+        seq = numpy_ref.sequence_logprobs(logits, labels, mask)
+        assert (ref[:3] > seq[:3]).tolist() == want, seed
 
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize(("loss_type", "beta", "eps"), CONFIGS)
+@pytest.mark.parametrize(ARGS, CONFIGS)
 @pytest.mark.parametrize(
     ("dtype", "rtol", "atol"), [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-10, 1e-13)]
 )
-def test_matches_torch_autograd_cuda(loss_type, beta, eps, dtype, rtol, atol):
-    _compare(loss_type, beta, eps, "cuda", dtype, rtol=rtol, atol=atol)
+def test_matches_torch_autograd_cuda(loss_type, beta, eps, alpha, lam, dtype, rtol, atol):
+    _compare(loss_type, beta, eps, alpha, lam, "cuda", dtype, rtol=rtol, atol=atol)
 
 
 def test_per_pair_gradients_match_autograd_for_all_four_inputs():
     rng = np.random.default_rng(1)
     x = [rng.normal(scale=5.0, size=7) for _ in range(4)]
-    for loss_type, beta, eps in CONFIGS:
+    n_w = rng.integers(1, 12, size=7).astype(np.float64)  # |y_w| for DPO + NLL
+    assert 0 < int(np.sum(x[2] > x[0])) < 7  # DPOP's penalty on in some pairs, off in others
+    for loss_type, beta, eps, alpha, lam in CONFIGS:
+        kw = dict(beta=beta, loss_type=loss_type, label_smoothing=eps, nll_alpha=alpha,
+                  dpop_lambda=lam)  # fmt: skip
         ts = [torch.tensor(v, requires_grad=True) for v in x]
-        preference_loss(
-            *ts, beta=beta, loss_type=loss_type, label_smoothing=eps
-        ).losses.sum().backward()
-        out = numpy_ref.preference_loss(*x, beta=beta, loss_type=loss_type, label_smoothing=eps)
+        preference_loss(*ts, chosen_lengths=torch.tensor(n_w), **kw).losses.sum().backward()
+        out = numpy_ref.preference_loss(*x, chosen_lengths=n_w, **kw)
         grads = [out.grad_policy_chosen, out.grad_policy_rejected, out.grad_ref_chosen,
                  out.grad_ref_rejected]  # fmt: skip
         for name, t, g in zip(("pi_c", "pi_r", "ref_c", "ref_r"), ts, grads, strict=True):
-            assert_allclose(
-                g, t.grad.numpy(), rtol=1e-10, atol=1e-15, err_msg=f"{loss_type} {name}"
-            )
+            assert_allclose(g, t.grad.numpy(), rtol=1e-10, atol=1e-15, err_msg=f"{kw} {name}")
 
 
 def test_dpo_gradient_formula_on_a_known_pair():

@@ -14,11 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from minidpo.baselines import best_of_n_curve, best_of_n_kl
+from minidpo.claims import HOLDS, NOT_HERE, NOT_YET, PARTLY, code_lines, ledger
 from minidpo.cli import _context, build_parser, main
-from minidpo.comparison import best_of_n_kl
+from minidpo.comparison import outside_pairs_share
+from minidpo.errors import MinidpoError
 from minidpo.pipeline import STAGE_NAMES, run_pipeline
-from minidpo.report import cost_table, frontier_table, matched_kl_gaps, pareto, smooth
+from minidpo.report import (
+    cost_table,
+    displacement_table,
+    frontier_table,
+    matched_kl_gaps,
+    pareto,
+    smooth,
+)
+from minidpo.sampling import Sample
 
 
 def ctx_for(root: Path, name: str, *extra: str):
@@ -58,10 +70,21 @@ def test_every_stage_ran_and_wrote_its_outputs(done):
         "reward_distributions.png",
     }  # fmt: skip
     report = (f / "report.md").read_text()
-    for needle in ("## Conclusion", "| DPO |", "| PPO |", "Explain gravity", "frontier.png"):
+    for needle in ("## Conclusion", "## Claims ledger", "| DPO |", "| PPO |", "Explain gravity",
+                   "frontier.png"):  # fmt: skip
         assert needle in report, needle
     methods = set(finals(f))
-    assert {"SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood", "Best-of-4"} == methods
+    assert {"SFT", "DPO", "DPO+NLL", "DPOP", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood",
+            "Best-of-4"} == methods  # fmt: skip
+    rows = ledger(f)
+    assert len(rows) >= 16 and {r["verdict"] for r in rows} <= set(VERDICTS)
+    assert all(r["threshold"] for r in rows if r["verdict"] != NOT_YET)
+    final = json.loads((f / "eval" / "results.json").read_text())
+    assert all(0 <= r["outside_pairs"] <= 1 for m, r in final["final"].items()
+               if not m.startswith("Best-of-"))  # fmt: skip
+    curve = [p for p in final["frontier"] if p["method"] == "Best-of-N"]
+    assert [p["setting"] for p in curve] == ["N=2", "N=4"]
+    assert curve[-1]["reward"] == pytest.approx(final["final"]["Best-of-4"]["reward_mean"])
     rows = {r["method"]: r for r in cost_table(f)}
     assert set(rows) == methods - {"SFT"}
     assert all(r["tokens_forward"] > 0 and r["wall_s"] > 0 for r in rows.values())
@@ -132,7 +155,11 @@ def test_unknown_force_stage_is_one_line_exit_2(tmp_path, capsys):
     "flags, message",
     [
         (["--sweep-dpo-betas", "0.1,abc"], "--sweep-dpo-betas: expected positive numbers"),
-        (["--sweep-ppo-kl-coefs", "0.1,-1"], "--sweep-ppo-kl-coefs: expected positive numbers"),
+        (["--sweep-ppo-kl-targets", "0.1,-1"], "--sweep-ppo-kl-targets: expected positive numbers"),
+        (["--sweep-unlikelihood-alphas", "0.5,2"], "--sweep-unlikelihood-alphas: each alpha"),
+        (["--sweep-dpo-betas", ""], "--sweep-dpo-betas: expected positive numbers"),
+        (["--nll-remedy-alpha", "-1"], "--nll-remedy-alpha: must be > 0"),
+        (["--dpop-remedy-lambda", "inf"], "--dpop-remedy-lambda: must be > 0"),
         (["--seeds", "0"], "--seeds: must be >= 1"),
         (["--ppo-gt-kl-coef", "0"], "--ppo-gt-kl-coef: must be > 0"),
         (["--ppo-kl-coef", "-1"], "--ppo-kl-coef: must be > 0"),
@@ -170,8 +197,9 @@ def test_matched_kl_gaps_compare_the_best_reward_at_each_kl(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": pts}))
     gaps = matched_kl_gaps(tmp_path)
-    # compared up to KL 4 (PPO's largest); DPO's frontier is SFT's reward, 0, throughout
-    assert [k for k, _, _ in gaps] == pytest.approx([0.8, 1.6, 2.4, 3.2, 4.0])
+    # compared from KL 1 (the first point of either) up to KL 4 (PPO's largest); DPO's
+    # frontier is SFT's reward, 0, throughout, and so is PPO's below its first point
+    assert [k for k, _, _ in gaps] == pytest.approx([1.0, 1.75, 2.5, 3.25, 4.0])
     assert [d for _, d, _ in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
     assert [se for _, _, se in gaps] == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1])
 
@@ -210,3 +238,62 @@ def test_best_of_n_kl_closed_form_matches_exact_discrete_computation(n):
 
 def test_smooth_is_a_trailing_mean():
     assert smooth([1, 2, 3, 4, 5, 6], window=3).tolist() == pytest.approx([1, 1.5, 2, 3, 4, 5])
+
+
+VERDICTS = (HOLDS, PARTLY, NOT_HERE, NOT_YET)
+
+
+def _counted(x):
+    """A docstring, a comment and a blank line: none of them count."""
+    # a comment
+
+    return x + 1
+
+
+def test_code_lines_counts_code_only():
+    assert code_lines([_counted]) == 2  # the def line and the return
+
+
+def test_best_of_n_curve_keeps_the_best_of_each_group():
+    scores = torch.tensor([0.0, 1.0, 5.0, 2.0, 0.0, 0.0, 3.0, 9.0])  # 2 prompts x 4
+    oracle = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    curve = {c["n"]: c for c in best_of_n_curve(scores, oracle, 4, [1, 2, 4])}
+    assert curve[1]["reward"] == pytest.approx(4.5) and curve[1]["selections"] == 8
+    # N=2: groups (0,1)->2, (5,2)->3, (0,0)->5 (first maximum), (3,9)->8
+    assert curve[2]["reward"] == pytest.approx((2 + 3 + 5 + 8) / 4)
+    assert curve[4]["reward"] == pytest.approx((3 + 8) / 2) and curve[4]["selections"] == 2
+    assert curve[4]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    with pytest.raises(MinidpoError):
+        best_of_n_curve(scores, oracle, 4, [3])
+
+
+def test_outside_pairs_share_counts_responses_no_pair_holds(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c",
+             "rejected": "a"}]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = [Sample("p", "a", [], True), Sample("p", "c", [], True), Sample("q", "a", [], True),
+               Sample("q", "z", [], True)]  # fmt: skip
+    assert outside_pairs_share(samples, pairs) == pytest.approx(0.5)  # "c" for p, "z" for q
+    assert outside_pairs_share(samples, tmp_path / "none.jsonl") is None
+
+
+def test_displacement_table_averages_the_last_held_out_evaluation(tmp_path):
+    (tmp_path / "prefs").mkdir()
+    torch.save({"key": "k", "chosen": torch.tensor([-6.0, -8.0]),
+                "rejected": torch.tensor([-9.0, -11.0])}, tmp_path / "prefs" / "eval.ref-k.pt")  # fmt: skip
+    for seed, (chosen, rose) in enumerate([(-7.5, 0.25), (-6.5, 0.75)]):
+        run = tmp_path / "sweep" / f"seed{seed}" / "dpo-beta0.1"
+        run.mkdir(parents=True)
+        rows = [{"step": 50, "eval/logps/chosen": 0.0, "eval/logps/rejected": 0.0,
+                 "eval/logps/chosen_rose": 1.0, "eval/logps/rejected_rose": 1.0,
+                 "eval/rewards/accuracies": 1.0},
+                {"step": 100, "eval/logps/chosen": chosen, "eval/logps/rejected": -12.0,
+                 "eval/logps/chosen_rose": rose, "eval/logps/rejected_rose": 0.0,
+                 "eval/rewards/accuracies": 0.5}]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = displacement_table(tmp_path)
+    assert row["run"] == "dpo-beta0.1" and row["seeds"] == 2
+    assert row["chosen_change"] == pytest.approx(-7.0 - (-7.0))  # the last rows only
+    assert row["rejected_change"] == pytest.approx(-12.0 - (-10.0))
+    assert (row["chosen_rose"], row["rejected_rose"]) == pytest.approx((0.5, 0.0))

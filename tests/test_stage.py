@@ -23,9 +23,12 @@ from minidpo.pipeline import BY_NAME, GROUPS, Context, run_stages
 from minidpo.stage import run_stage
 from minidpo.training import read_metrics
 
-TRAINING_STAGES = ["sft", "dpo", "rm", "ppo", "ppo_gt", "preferred_ft", "unlikelihood"]
-# a setting of each stage's own group that changes its result
+TRAINING_STAGES = ["sft", "dpo", "dpo_nll", "dpop", "rm", "ppo", "ppo_gt", "preferred_ft",
+                   "unlikelihood"]  # fmt: skip
+# a setting of each stage's own group that changes its result (the remedies' weights are
+# pipeline settings: their stages' keys must follow them)
 CHANGE = {"sft": ("sft", "lr"), "dpo": ("dpo", "beta"), "rm": ("rm", "lr"),
+          "dpo_nll": ("pipeline", "nll_remedy_alpha"), "dpop": ("pipeline", "dpop_remedy_lambda"),
           "ppo": ("ppo", "lr"), "ppo_gt": ("ppo", "lr"), "preferred_ft": ("preferred_ft", "lr"),
           "unlikelihood": ("unlikelihood", "lr")}  # fmt: skip
 
