@@ -84,7 +84,7 @@ from minidpo.scoring import ScoreFn, oracle_scores
 from minidpo.seeds import seed_of, stream
 from minidpo.stage import Context, Method, Stage, method_config
 from minidpo.tokenizer import Tokenizer
-from minidpo.training import Carried, Job, LoopConfig, read_metrics, run_loop
+from minidpo.training import Carried, Job, LoopConfig, check_finite, read_metrics, run_loop
 from minidpo.world import load_world
 
 
@@ -533,6 +533,7 @@ def update(
                 new_values, roll.values[idx], roll.returns[idx], mask, cfg.clip_range_value
             )
             loss = pg + cfg.vf_coef * vf
+            check_finite(loss.detach(), "PPO loss (policy + value)", "ppo update")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

@@ -40,6 +40,7 @@ from minidpo.checkpoints import content_sha256
 from minidpo.config import RunConfig, to_dict
 from minidpo.cost import measure
 from minidpo.errors import MinidpoError
+from minidpo.lock import hold
 from minidpo.paths import RunPaths
 
 
@@ -152,6 +153,7 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
         stamps[stage.name] = old
         return old
     stage.check(ctx)  # one clear error, and nothing written yet
+    hold(ctx.folder)  # one writer per run folder (`minidpo.lock`)
     path = ctx.paths.stamp(stage.name)
     started = read_stamp(path.with_suffix(".started"))
     resume = stage.name not in ctx.force and started is not None and started.get("key") == key

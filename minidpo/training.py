@@ -162,6 +162,17 @@ class Carried:
     load: Callable[[Any], None]
 
 
+def check_finite(value: torch.Tensor, what: str, where: str) -> None:
+    """Stop a run on a non-finite `value` (a loss, a gradient norm): one MinidpoError
+    naming `where` (the run and step) and `what`, raised before the optimizer steps, so
+    the weights and the last checkpoint on disk stay as they were."""
+    if not bool(torch.isfinite(value).all()):
+        raise MinidpoError(
+            f"{where}: the {what} is {float(value)}, not finite; stopped before the update "
+            "(the last checkpoint is kept: check the inputs and settings, e.g. the learning rate)"
+        )
+
+
 def gradient_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -179,10 +190,12 @@ def gradient_step(
             g["lr"] = lr
         model.train()
         loss, metrics = loss_fn(model, get_batch(step))
+        check_finite(loss.detach(), "loss", f"{loop.desc}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = loop.grad_clip if loop.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        check_finite(grad_norm, "gradient norm", f"{loop.desc}, step {step + 1}")
         optimizer.step()
         row: dict[str, Any] = {"lr": lr, "grad_norm": float(grad_norm)}
         row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})

@@ -196,3 +196,34 @@ def test_keep_best_needs_an_eval_metric(tmp_path):
         train(model, keep_best="accuracy", **kw)
     with pytest.raises(ValueError, match="'accuracy' is not a key"):
         train(model, keep_best="accuracy", eval_fn=lambda m: {"loss": 0.0}, **kw)
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, what):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    bad_step = 6  # 1-based: the step whose loss (or gradient) is not finite
+
+    def get_batch(step):
+        return torch.randn(8, 4, generator=torch.Generator().manual_seed(step)), step
+
+    def loss_fn(m, batch):
+        x, step = batch
+        y = m(x)
+        if step + 1 == bad_step and what == "gradient norm":
+            y.register_hook(lambda g: g * float("inf"))  # a finite loss, an infinite gradient
+        loss = (y**2).mean()
+        if step + 1 == bad_step and what == "loss":
+            loss = loss * float("nan")
+        return loss, {"loss": float(loss.detach())}
+
+    loop = LoopConfig(steps=12, lr=0.05, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      grad_clip=1.0, eval_every=100, ckpt_every=4)  # fmt: skip
+    job = Job(tmp_path, 0, progress=False)
+    with pytest.raises(MinidpoError, match=rf"step {bad_step}: the {what} is (nan|inf)"):
+        train(model, loop=loop, job=job, get_batch=get_batch, loss_fn=loss_fn,
+              checkpoint_extra={"kind": "toy"})  # fmt: skip
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no update was taken
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 4 and not ckpt["done"]  # the last good checkpoint, kept
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -1,0 +1,69 @@
+"""One writer per run folder: a lock file holding the writer's process id.
+
+Two commands writing the same run folder at once would interleave their metrics rows and
+overwrite each other's checkpoints. The first stage that writes takes the lock,
+``runs/<name>/.lock`` (created with O_EXCL, so only one process can create it); the
+process keeps it until it exits. A second process stops at once with one error naming
+the holder's pid. A lock whose process no longer exists (a killed run) is stale and is
+taken over. Reading (a stage found up to date) takes no lock.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from pathlib import Path
+
+from minidpo.errors import MinidpoError
+
+_HELD: set[Path] = set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _release(path: Path) -> None:
+    if _holder(path) == os.getpid():
+        path.unlink(missing_ok=True)
+    _HELD.discard(path)
+
+
+def hold(folder: Path) -> None:
+    """Take the lock of `folder` for this process (a no-op if it holds it already);
+    MinidpoError naming the holder if a live process holds it."""
+    path = Path(folder) / ".lock"
+    if path in _HELD:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):  # a stale lock is removed once, then created afresh
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _holder(path)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                raise MinidpoError(
+                    f"{path.parent}: in use by another minidpo process (pid {pid}); wait for "
+                    "it, or use another --name"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        _HELD.add(path)
+        atexit.register(_release, path)
+        return
+    raise MinidpoError(f"{path}: could not take the run folder's lock")
