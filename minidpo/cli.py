@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from minidpo import __version__
 from minidpo.atomic import atomic_write_json
@@ -89,6 +90,17 @@ def _cfg(cls: type, group: str, args: argparse.Namespace):
     return resolve(cls, group, args.preset or "cpu", args, prefix)
 
 
+def _checked(args: argparse.Namespace, groups: Sequence[str]) -> dict[str, Any]:
+    """Every config group: `groups` from the flags, checked (ranges and each group's own
+    `validate`) before anything is read or written, the others from the preset."""
+    cfg = {g: _cfg(cls, g, args) if g in groups else resolve(cls, g, args.preset or "cpu", None)
+           for g, cls in GROUPS.items()}  # fmt: skip
+    for g in groups:
+        if hasattr(cfg[g], "validate"):
+            cfg[g].validate(f"{g.replace('_', '-')}-" if g in getattr(args, "prefixed", ()) else "")
+    return cfg
+
+
 def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inputs: str | None):
     """Run the pipeline's stage `name` alone, through the one stage layer (skip, resume or
     rerun, as in `minidpo pipeline`): its `groups` from the flags, every other group from
@@ -96,11 +108,7 @@ def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inp
     Returns (stage, context, stamp)."""
 
     run = _run(args)
-    cfg = {g: _cfg(cls, g, args) if g in groups else resolve(cls, g, args.preset or "cpu", None)
-           for g, cls in GROUPS.items()}  # fmt: skip
-    for g in groups:  # the command's own flags first, before any input is read
-        if hasattr(cfg[g], "validate"):
-            cfg[g].validate(f"{g.replace('_', '-')}-" if g in getattr(args, "prefixed", ()) else "")
+    cfg = _checked(args, groups)
     given = {k: Path(v) for k, v in inputs.items() if v}
     ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
                   force={name} if run.force else set(), inputs=given)  # fmt: skip
@@ -118,6 +126,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
+    _checked(args, ["tokenizer", "model", "sft"])  # every flag, before the tokenizer is written
     _one_stage(args, "tokenizer", ["tokenizer"])  # the SFT model's tokenizer first, if needed
     _, ctx, stamp = _one_stage(args, "sft", ["tokenizer", "model", "sft"])
     s = json.loads((ctx.paths.sft_dir / "summary.json").read_text())

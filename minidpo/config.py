@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
@@ -256,7 +257,43 @@ def resolve(
             v = getattr(args, prefix + f.name, None)
             if v is not None:
                 values[f.name] = v
-    return cls(**values)
+    cfg = cls(**values)
+    check_ranges(cfg, prefix.replace("_", "-"))
+    return cfg
+
+
+# The ranges every config field of these names must hold, whatever its group (one check,
+# before anything runs): counts of steps, samples, sizes >= 1; offsets >= 0; rates > 0.
+POSITIVE_INTS = frozenset({
+    "steps", "batch_size", "eval_every", "ckpt_every", "iterations", "rollout_batch",
+    "minibatch_size", "ppo_epochs", "samples_per_prompt", "eval_samples_per_prompt",
+    "max_new_tokens", "n_demos", "n", "n_layer", "n_head", "n_embd", "block_size",
+    "vocab_size", "max_pairs_per_prompt",
+})  # fmt: skip
+NON_NEGATIVE_INTS = frozenset({"warmup_steps", "snapshot_every", "seed", "show"})
+POSITIVE_FLOATS = frozenset({"lr", "value_lr", "temperature"})
+NON_NEGATIVE_FLOATS = frozenset({"weight_decay", "grad_clip"})
+
+
+def check_ranges(cfg: Any, flag_prefix: str = "") -> None:
+    """MinidpoError naming the flag of the first field out of its range (`POSITIVE_INTS`
+    and the others), and of a run ``--name`` that is not one folder name."""
+    for f in fields(cfg):
+        v, flag = getattr(cfg, f.name), f"--{flag_prefix}{f.name.replace('_', '-')}"
+        if f.name in POSITIVE_INTS and isinstance(v, int) and v < 1:
+            raise MinidpoError(f"{flag}: must be >= 1, got {v}")
+        if f.name in NON_NEGATIVE_INTS and isinstance(v, int) and v < 0:
+            raise MinidpoError(f"{flag}: must be >= 0, got {v}")
+        if f.name in POSITIVE_FLOATS and not (v > 0 and math.isfinite(v)):
+            raise MinidpoError(f"{flag}: must be finite and > 0, got {v}")
+        if f.name in NON_NEGATIVE_FLOATS and not (v >= 0 and math.isfinite(v)):
+            raise MinidpoError(f"{flag}: must be finite and >= 0, got {v}")
+    if isinstance(cfg, RunConfig) and (
+        cfg.name in ("", ".", "..") or "/" in cfg.name or "\\" in cfg.name
+    ):
+        raise MinidpoError(
+            f"--name: {cfg.name!r} is not a folder name (it must stay inside --runs-dir)"
+        )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -66,6 +66,33 @@ def test_bad_method_settings_are_one_line_exit_2_before_anything(tmp_path, capsy
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["dpo", "--steps", "0"], "--steps"),
+        (["dpo", "--lr", "-1"], "--lr"),
+        (["dpo", "--batch-size", "0"], "--batch-size"),
+        (["dpo", "--eval-every", "0"], "--eval-every"),
+        (["sft", "--seed", "-1"], "--seed"),
+        (["sft", "--lr", "nan"], "--lr"),
+        (["eval", "--samples-per-prompt", "0"], "--samples-per-prompt"),
+        (["sample", "--n", "0"], "--n"),
+        (["pipeline", "--ppo-iterations", "0"], "--ppo-iterations"),
+        (["sft", "--name", "../escape"], "--name"),
+        (["sft", "--name", "/tmp/absolute"], "--name"),
+        (["sft", "--name", ""], "--name"),
+    ],
+)
+def test_numbers_out_of_range_and_names_outside_the_runs_folder_are_refused(
+    tmp_path, capsys, argv, flag
+):
+    runs = tmp_path / "runs"
+    assert main([*argv, "--preset", "tiny", "--runs-dir", str(runs)]) == 2
+    (line,) = _err_lines(capsys)
+    assert line.startswith(f"minidpo: error: {flag}:"), line
+    assert not tmp_path.joinpath("escape").exists() and not runs.exists()  # nothing written
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     assert (
         main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2
