@@ -14,8 +14,9 @@ the same hash and leaves the stages that read it alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,14 @@ def content_sha256(paths: Sequence[Path]) -> str | None:
         except Exception:  # missing, truncated or foreign: not the result that was stamped
             return None
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def malformed_as_error(where: str | Path) -> Iterator[None]:
+    """Rebuilding a model from a checkpoint that passed the format check but does not fit
+    (a missing key, weights of another shape): one MinidpoError naming `where`."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:200]
+        raise MinidpoError(f"{where}: malformed checkpoint ({type(e).__name__}: {first})") from None

@@ -84,7 +84,7 @@ def evaluate_snapshots(
             points.append(saved["point"])
             continue
         ck = load_checkpoint(snap, kind="policy")
-        model = build_policy(ck)[0].to(ctx.device)
+        model = build_policy(ck, snap)[0].to(ctx.device)
         result, _, _ = evaluate_policy(
             model, tok, _eval_prompts(), samples_per_prompt=spp, seed=eval_seed, ref=ref,
             temperature=ev.temperature, max_new_tokens=ev.max_new_tokens, ref_rewards=ref_rewards,

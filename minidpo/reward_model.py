@@ -56,7 +56,13 @@ import torch
 
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
-from minidpo.checkpoints import load_checkpoint, provenance, save_checkpoint, stage_state
+from minidpo.checkpoints import (
+    load_checkpoint,
+    malformed_as_error,
+    provenance,
+    save_checkpoint,
+    stage_state,
+)
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.losses import bradley_terry_loss
@@ -322,11 +328,16 @@ class RewardModel:
         return self.normalize(self.raw_scores(p_ids, r_ids))
 
 
-def build_reward_model(ckpt: dict[str, Any]) -> tuple[ScalarHeadModel, Tokenizer]:
-    """The ScalarHeadModel and tokenizer of a reward-model checkpoint (CPU, eval mode)."""
-    model = ScalarHeadModel(GPT(GPTConfig(**ckpt["model_config"])))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer.from_dict(ckpt["tokenizer"])
+def build_reward_model(
+    ckpt: dict[str, Any], where: str | Path = "checkpoint"
+) -> tuple[ScalarHeadModel, Tokenizer]:
+    """The ScalarHeadModel and tokenizer of a reward-model checkpoint (CPU, eval mode); a
+    malformed one is one MinidpoError naming `where`."""
+    with malformed_as_error(where):
+        model = ScalarHeadModel(GPT(GPTConfig(**ckpt["model_config"])))
+        model.load_state_dict(ckpt["model"])
+        tok = Tokenizer.from_dict(ckpt["tokenizer"])
+    return model.eval(), tok
 
 
 def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> RewardModel:
@@ -335,7 +346,7 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> R
     norm = ckpt.get("normalization")
     if not norm:
         raise MinidpoError(f"{path}: reward model is not normalised yet (its run did not finish)")
-    model, tok = build_reward_model(ckpt)
+    model, tok = build_reward_model(ckpt, path)
     gain, bias = float(norm["gain"]), float(norm["bias"])
     return RewardModel(model.to(device), tok, gain, bias, ckpt.get("pooling", "last"))
 

@@ -7,8 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from minidpo.cli import main
+from minidpo.errors import MinidpoError
+from minidpo.reward_model import build_reward_model
 
 
 def _err_lines(capsys):
@@ -278,3 +281,23 @@ def test_resume_is_automatic_so_no_stage_has_a_resume_flag(argv, tmp_path, capsy
     (line,) = _err_lines(capsys)
     assert "unrecognized arguments: --" in line and "resume" in line
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["no model_config", "weights of another width"])
+def test_a_malformed_checkpoint_is_one_line_naming_it(tmp_path, capsys, tiny_sft, damage):
+    ckpt = torch.load(tiny_sft, weights_only=True)
+    if damage == "no model_config":
+        del ckpt["model_config"]
+    else:
+        ckpt["model_config"] = {
+            **ckpt["model_config"],
+            "n_embd": 2 * ckpt["model_config"]["n_embd"],
+        }
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    assert main(["sample", "--preset", "tiny", "--runs-dir", str(tmp_path), "--checkpoint",
+                 str(bad), "--n", "1"]) == 2  # fmt: skip
+    (line,) = _err_lines(capsys)
+    assert f"{bad}: malformed checkpoint" in line
+    with pytest.raises(MinidpoError, match="malformed checkpoint"):
+        build_reward_model(ckpt, bad)  # the reward model's loader says the same
