@@ -87,6 +87,8 @@ def load_example(path: str | Path | None = None) -> GravityExample:
         raise MinidpoError(f"{path}: cannot read gravity example: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise MinidpoError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise MinidpoError(f"{path}: not UTF-8 text (byte at offset {e.start})") from None
     if not isinstance(raw, dict):
         raise MinidpoError(f"{path}: expected a JSON object")
     if raw.get("format") != FORMAT or raw.get("version") != VERSION:

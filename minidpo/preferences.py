@@ -122,6 +122,17 @@ def save_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
     return atomic_write_jsonl(path, (p.to_json() for p in pairs))
 
 
+def _utf8(raw: bytes, path: Path, n: int) -> str:
+    """Line `n` of `path` as text; MinidpoError naming the line if it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MinidpoError(
+            f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}; "
+            "a compressed, binary or Latin-1 file?)"
+        ) from None
+
+
 def load_pairs(path: str | Path, *, warn: bool = True) -> tuple[list[PreferencePair], int]:
     """Read and validate a TRL-form preference file; returns (pairs, number skipped).
 
@@ -135,8 +146,9 @@ def load_pairs(path: str | Path, *, warn: bool = True) -> tuple[list[PreferenceP
         raise MinidpoError(f"{path}: preference file not found")
     pairs: list[PreferencePair] = []
     skipped = 0
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line = _utf8(raw, path, n)
             if not line.strip():
                 continue
             try:

@@ -1,11 +1,14 @@
 """Preference pairs: the Bradley-Terry labels and the validating TRL-form loader."""
 
+import gzip
 import json
+import re
 
 import numpy as np
 import pytest
 
 from minidpo.errors import MinidpoError
+from minidpo.gravity import load_example
 from minidpo.preferences import (
     PreferencePair,
     bradley_terry_prob,
@@ -112,3 +115,29 @@ def test_empty_responses_never_make_a_pair():
     samples = [_s("p", ""), _s("p", "x"), _s("p", "  "), _s("p", "y")]
     pairs = label_pairs(samples, [-1.0, 1.0, -1.0, 0.0], tau=0.0, rng=np.random.default_rng(0))
     assert [(p.chosen, p.rejected) for p in pairs] == [("x", "y")]
+
+
+@pytest.mark.parametrize(
+    "content, where",
+    [
+        (gzip.compress(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'), ":1: not UTF-8 text"),
+        (
+            '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "café", '
+            '"rejected": "b"}\n'.encode("latin-1"),
+            ":2: not UTF-8 text (byte 0xe9",
+        ),
+        (bytes(range(128, 256)), ":1: not UTF-8 text (byte 0x80 at column 1"),
+    ],
+)
+def test_a_file_that_is_not_utf8_is_one_error_naming_the_line(tmp_path, content, where):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(MinidpoError, match=re.escape(f"{path}{where}")):
+        load_pairs(path)
+
+
+def test_a_gravity_example_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "example.json"
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(MinidpoError, match="not UTF-8 text"):
+        load_example(path)
