@@ -64,7 +64,7 @@ from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig
 from minidpo.report import summary_text
 from minidpo.reward_model import RewardModelConfig, load_reward_model
-from minidpo.sampling import sample_responses
+from minidpo.sampling import encode_prompt, sample_responses
 from minidpo.scoring import oracle_breakdowns, oracle_scores
 from minidpo.seeds import seed_of
 from minidpo.tokenizer import Tokenizer
@@ -358,6 +358,21 @@ def cmd_gravity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_contexts(cfg: dict[str, Any], tok: Tokenizer, prefixed: Sequence[str]) -> None:
+    """Every world prompt leaves room for every stage's ``max_new_tokens`` in the model's
+    context: checked before any stage runs, naming the flag (not minutes later)."""
+    block = cfg["model"].block_size
+    prompts = [p.text for split in ("train", "eval") for p in load_world().prompts(split)]
+    longest = max(prompts, key=lambda text: len(tok.encode(text)))
+    for group, c in cfg.items():
+        if hasattr(c, "max_new_tokens"):
+            flag = f"--{f'{group}-' if group in prefixed else ''}max-new-tokens"
+            try:
+                encode_prompt(tok, longest, block, c.max_new_tokens)
+            except MinidpoError as e:
+                raise MinidpoError(f"{flag} {c.max_new_tokens}: {e}") from None
+
+
 def _context(args: argparse.Namespace):
     """A pipeline Context from the flags: every stage group resolved for the preset."""
 
@@ -367,7 +382,8 @@ def _context(args: argparse.Namespace):
     for group, c in cfg.items():  # every group's own checks, before any stage runs
         if hasattr(c, "validate"):
             c.validate(f"{group.replace('_', '-')}-" if group in prefixed else "")
-    world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, in a fraction of a second
+    tok = world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, at once
+    _check_contexts(cfg, tok, prefixed)
     forced = check_force(args.force or [])
     return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)
 

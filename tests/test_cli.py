@@ -58,6 +58,8 @@ def test_unknown_preset(tmp_path, capsys):
         (["dpo", "--beta", "inf"], "--beta"),
         (["ppo", "--adaptive-kl", "--kl-target", "0"], "--kl-target"),
         (["pipeline", "--dpo-nll-alpha", "-0.5"], "--nll-alpha"),
+        (["pipeline", "--ppo-max-new-tokens", "200"], "--ppo-max-new-tokens 200"),
+        (["sweep", "--eval-max-new-tokens", "500"], "--eval-max-new-tokens 500"),
         (["sweep", "--sweep-ppo-kl-targets", "2,0"], "--sweep-ppo-kl-targets"),
         (["sweep", "--sweep-unlikelihood-alphas", "-0.1"], "--sweep-unlikelihood-alphas"),
     ],
