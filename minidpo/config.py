@@ -143,9 +143,12 @@ class DPOConfig:
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of a bad loss setting, before anything runs
-        (`minidpo.losses.check_loss_args`; its messages name the unprefixed flag)."""
-        check_loss_args(self.beta, self.loss, self.label_smoothing, nll_alpha=self.nll_alpha,
-                        dpop_lambda=self.dpop_lambda)  # fmt: skip
+        (`minidpo.losses.check_loss_args`, its flag given `flag_prefix`: ``--dpo-beta``)."""
+        try:
+            check_loss_args(self.beta, self.loss, self.label_smoothing, nll_alpha=self.nll_alpha,
+                            dpop_lambda=self.dpop_lambda)  # fmt: skip
+        except MinidpoError as e:
+            raise MinidpoError(str(e).replace("--", f"--{flag_prefix}", 1)) from None
 
 
 @dataclass
