@@ -42,6 +42,7 @@ from minidpo.exact import beta_sweep, make_problem
 from minidpo.gravity import compute, load_example
 from minidpo.report import (
     cost_table,
+    fmt,
     frontier_points,
     load_results,
     matched_kl_gaps,
@@ -98,32 +99,32 @@ def _raw_points(folder: Path) -> list[dict]:
     return load_results(folder)["frontier"]
 
 
-def last_rewards(points: Sequence[dict], method: str) -> dict[str, list[float]]:
-    """setting -> the oracle reward of each seed's last snapshot of `method`."""
+def last_snapshots(points: Sequence[dict], method: str, key: str) -> dict[str, list[float]]:
+    """setting -> `key` ("reward", "kl") of each seed's last snapshot of `method`."""
     last: dict[tuple[str, int], dict] = {}
     for p in points:
         if p["method"] == method and p["step"] > 0:
-            key = (p["setting"], p["seed"])
-            if key not in last or p["step"] > last[key]["step"]:
-                last[key] = p
+            run = (p["setting"], p["seed"])
+            if run not in last or p["step"] > last[run]["step"]:
+                last[run] = p
     out: dict[str, list[float]] = defaultdict(list)
     for (setting, _), p in sorted(last.items()):
-        out[setting].append(p["reward"])
+        out[setting].append(p[key])
     return dict(out)
 
 
 def _spreads(points: Sequence[dict], method: str) -> tuple[float | None, float | None]:
     """(mean over settings of the seed-to-seed std of the final reward, range over settings
     of the seed-mean final reward)."""
-    runs = last_rewards(points, method)
+    runs = last_snapshots(points, method, "reward")
     seed_sd = [float(np.std(v, ddof=1)) for v in runs.values() if len(v) > 1]
     means = [float(np.mean(v)) for v in runs.values()]
     return (float(np.mean(seed_sd)) if seed_sd else None,
             max(means) - min(means) if len(means) > 1 else None)  # fmt: skip
 
 
-def _fmt(x: float | None, spec: str = ".3f") -> str:
-    return "–" if x is None else format(x, spec)
+def _fmt(x: float | None) -> str:
+    return fmt(x, ".3f")
 
 
 def _less(a: float | None, b: float | None) -> str:
@@ -197,15 +198,9 @@ def frontier_row(folder: Path) -> dict[str, str]:
 
 def beta_row(folder: Path) -> dict[str, str]:
     """ "Larger beta: the policy changes more aggressively": KL against beta."""
-    by_beta: dict[float, list[float]] = defaultdict(list)
-    last: dict[tuple[str, int], dict] = {}
-    for p in _raw_points(folder):
-        if p["method"] == "DPO" and p["setting"].startswith("beta="):
-            key = (p["setting"], p["seed"])
-            if key not in last or p["step"] > last[key]["step"]:
-                last[key] = p
-    for (setting, _), p in last.items():
-        by_beta[float(setting.split("=")[1])].append(p["kl"])
+    by_beta = {float(setting.split("=")[1]): kl for setting, kl
+               in last_snapshots(_raw_points(folder), "DPO", "kl").items()
+               if setting.startswith("beta=")}  # fmt: skip
     betas = sorted(by_beta)
     kls = [float(np.mean(by_beta[b])) for b in betas]
     ses = [float(np.std(by_beta[b], ddof=1) / np.sqrt(len(by_beta[b]))) if len(by_beta[b]) > 1

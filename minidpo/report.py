@@ -367,8 +367,8 @@ def displacement_lines(folder: Path) -> list[str]:
          "| run | seeds | Δ log π(y_w) | Δ log π(y_l) | chosen rose | rejected rose | pair accuracy |",
          "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        L.append(f"| {r['run']} | {r['seeds']} | {_fmt(r['chosen_change'], '+.2f')} | "
-                 f"{_fmt(r['rejected_change'], '+.2f')} | {r['chosen_rose']:.1%} | "
+        L.append(f"| {r['run']} | {r['seeds']} | {fmt(r['chosen_change'], '+.2f')} | "
+                 f"{fmt(r['rejected_change'], '+.2f')} | {r['chosen_rose']:.1%} | "
                  f"{r['rejected_rose']:.1%} | {r['accuracy']:.1%} |")  # fmt: skip
     return [*L, ""]
 
@@ -458,7 +458,8 @@ def _setting(setting: str | None) -> str:
     return f" ({setting})" if setting else ""
 
 
-def _fmt(v, spec: str, none: str = "–") -> str:
+def fmt(v, spec: str, none: str = "–") -> str:
+    """`v` formatted with `spec`, or `none` for None."""
     return none if v is None else format(v, spec)
 
 
@@ -476,12 +477,12 @@ def reward_model_lines(folder: Path, stamps: dict[str, dict]) -> list[str]:
         "## Reward model", "",
         f"Held-out pair accuracy {rm['heldout_accuracy']:.1%} (the checkpoint with the best "
         f"held-out accuracy{'' if best is None else f', step {best}'}), against a ceiling of "
-        f"{_fmt(rm.get('heldout_ceiling'), '.1%')}: the oracle's own agreement with the same "
+        f"{fmt(rm.get('heldout_ceiling'), '.1%')}: the oracle's own agreement with the same "
         "Bradley-Terry labels (ties count one half); gap "
-        f"{_fmt(None if rm.get('heldout_gap') is None else 100 * rm['heldout_gap'], '.1f')} "
+        f"{fmt(None if rm.get('heldout_gap') is None else 100 * rm['heldout_gap'], '.1f')} "
         f"points. Spearman correlation with the oracle on fresh SFT samples: "
-        f"{_fmt(rm.get('spearman'), '.3f')}. PPO against it subtracts "
-        f"{_fmt(penalty, 'g')} from the score of a response that never ends "
+        f"{fmt(rm.get('spearman'), '.3f')}. PPO against it subtracts "
+        f"{fmt(penalty, 'g')} from the score of a response that never ends "
         "(`--ppo-missing-eot-penalty`); PPO-GT optimises the oracle reward with no penalty on top.",
     ]  # fmt: skip
 
@@ -508,10 +509,10 @@ def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
     L += ["| method | oracle reward | KL(π‖π_ref) | win vs SFT | unparseable | outside the pairs "
           "| length |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, r in final.items():
-        kl = _fmt(r.get("kl_mean"), ".2f") + (" (closed form)" if r.get("kl_note") else "")
+        kl = fmt(r.get("kl_mean"), ".2f") + (" (closed form)" if r.get("kl_note") else "")
         L.append(f"| {m} | {r['reward_mean']:+.3f} ± {r['reward_se']:.3f} | {kl} | "
-                 f"{_fmt(r.get('win_rate_vs_ref'), '.1%')} | {r['unparseable_rate']:.1%} | "
-                 f"{_fmt(r.get('outside_pairs'), '.1%')} | {r['mean_length']:.1f} |")  # fmt: skip
+                 f"{fmt(r.get('win_rate_vs_ref'), '.1%')} | {r['unparseable_rate']:.1%} | "
+                 f"{fmt(r.get('outside_pairs'), '.1%')} | {r['mean_length']:.1f} |")  # fmt: skip
     L += ["", *reward_model_lines(folder, stamps)]
     L += ["", f"## Reward-KL frontier ({source})", "", "![frontier](plots/frontier.png)", ""]
     L += [
@@ -534,9 +535,9 @@ def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
           "| RSS growth (MB) | time to reach (s) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         L.append(f"| {r['method']} | {r['stages']} | {r['wall_s']:.1f} | {r['tokens_forward']:,} | "
-                 f"{r['tokens_backward']:,} | {_fmt(r['peak_rss_mb'], '.0f')} | "
-                 f"{_fmt(r['rss_growth_mb'], '.0f')} | "
-                 f"{_fmt(r['reach_s'], '.1f')}{_setting(r['reach_setting'])} |")  # fmt: skip
+                 f"{r['tokens_backward']:,} | {fmt(r['peak_rss_mb'], '.0f')} | "
+                 f"{fmt(r['rss_growth_mb'], '.0f')} | "
+                 f"{fmt(r['reach_s'], '.1f')}{_setting(r['reach_setting'])} |")  # fmt: skip
     L += ["", f"Whole pipeline: {total:.0f} s, the sum of its stages' wall times when they ran "
           "(`stages/*.json`)."]  # fmt: skip
     if sweep_timing.exists():
@@ -560,8 +561,8 @@ def summary_text(folder: str | Path) -> str:
     rows = [f"{'method':<14} {'oracle reward':>16} {'KL':>7} {'win vs SFT':>10}"]
     for m, r in final.items():
         reward = f"{r['reward_mean']:+.3f} ± {r['reward_se']:.3f}"
-        rows.append(f"{m:<14} {reward:>16} {_fmt(r.get('kl_mean'), '.2f'):>7} "
-                    f"{_fmt(r.get('win_rate_vs_ref'), '.1%'):>10}")  # fmt: skip
+        rows.append(f"{m:<14} {reward:>16} {fmt(r.get('kl_mean'), '.2f'):>7} "
+                    f"{fmt(r.get('win_rate_vs_ref'), '.1%'):>10}")  # fmt: skip
     return "\n".join([*rows, "", conclusion(folder), f"report: {folder / 'report.md'}"])
 
 
