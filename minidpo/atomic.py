@@ -3,7 +3,8 @@
 A stage killed mid-write leaves either the old file or the new one, never half
 of one, so a rerun can trust whatever it finds. Every file minidpo writes goes
 through these helpers (metrics logs are appended line by line and truncated on
-resume, see `minidpo.training`).
+resume, see `minidpo.training`). The temp file gets the mode a plain ``open`` would
+have given (0666 less the umask), not ``mkstemp``'s private 0600.
 """
 
 from __future__ import annotations
@@ -18,11 +19,18 @@ from typing import Any, BinaryIO
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

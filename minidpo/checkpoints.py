@@ -2,7 +2,9 @@
 
 A checkpoint is a dict saved with ``torch.save`` (atomically) and read back with
 ``weights_only=True``, so a file from elsewhere can hold tensors and plain values but
-never run code. It is stamped with a format name and version, and carries what a
+never run code. It is stamped with a format name and version and a SHA-256 of its own
+content (``sha256``), checked on every load, so bytes flipped inside a tensor (which
+``torch.load`` reads without complaint) are refused by name. It carries what a
 later stage needs to rebuild the model without the stage that wrote it: ``kind``
 ("policy" or "reward_model"), ``stage``, ``model_config``, ``tokenizer`` and the
 ``config`` it was trained with (`stage_state`).
@@ -27,8 +29,10 @@ from minidpo.config import to_dict
 from minidpo.errors import MinidpoError
 
 CHECKPOINT_FORMAT = "minidpo-checkpoint"
-CHECKPOINT_VERSION = 1
-VOLATILE = ("elapsed_s",)  # checkpoint entries that differ between identical runs
+CHECKPOINT_VERSION = 2  # 2: the content checksum
+READABLE_VERSIONS = (1, 2)  # a version-1 file (no checksum) still loads, unchecked
+CHECKSUM = "sha256"  # the entry holding the checksum of everything else
+VOLATILE = ("elapsed_s", CHECKSUM)  # entries that differ between identical runs
 
 
 def stage_state(
@@ -53,11 +57,17 @@ def provenance(group: str, cfg: Any, seed: int, **inputs: Path | None) -> dict[s
     return out
 
 
+def _checksum(ckpt: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    _feed(h, ckpt, skip=(CHECKSUM,))
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically, stamped with its format and version."""
-    return atomic_torch_save(
-        {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path
-    )
+    """Write a checkpoint atomically, stamped with its format, version and checksum."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    ckpt[CHECKSUM] = _checksum(ckpt)
+    return atomic_torch_save(ckpt, path)
 
 
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
@@ -76,11 +86,13 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, A
         raise MinidpoError(f"{path}: corrupt or not a checkpoint ({msg})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise MinidpoError(f"{path}: not a minidpo checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    if ckpt.get("version") not in READABLE_VERSIONS:
         raise MinidpoError(
-            f"{path}: checkpoint version {ckpt.get('version')!r}, "
-            f"this minidpo reads version {CHECKPOINT_VERSION}"
+            f"{path}: checkpoint version {ckpt.get('version')!r}, this minidpo reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if ckpt["version"] >= 2 and ckpt.get(CHECKSUM) != _checksum(ckpt):
+        raise MinidpoError(f"{path}: content does not match its checksum (damaged on disk?)")
     if kind is not None and ckpt.get("kind") != kind:
         raise MinidpoError(f"{path}: holds a {ckpt.get('kind')!r} checkpoint, expected {kind!r}")
     return ckpt
@@ -112,21 +124,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _feed(h: Any, obj: Any) -> None:
-    """Hash a checkpoint's content deterministically (tensors by their bytes)."""
+def _feed(h: Any, obj: Any, skip: Sequence[str] = VOLATILE) -> None:
+    """Hash a checkpoint's content deterministically (tensors by their bytes), leaving
+    out the top-level-or-nested entries named in `skip`."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     elif isinstance(obj, dict):
         for k in sorted(obj, key=str):
-            if k not in VOLATILE:
+            if k not in skip:
                 h.update(f"K{k}".encode())
-                _feed(h, obj[k])
+                _feed(h, obj[k], skip)
     elif isinstance(obj, (list, tuple)):
         h.update(f"L{len(obj)}".encode())
         for x in obj:
-            _feed(h, x)
+            _feed(h, x, skip)
     else:
         h.update(repr(obj).encode())
 

@@ -4,8 +4,9 @@
 
 What makes it cheap, as in the reference implementation:
 - the reference log-probs log pi_ref(y|x) are computed ONCE, in batches, before
-  training, and cached beside the pairs (``<pairs>.ref-<key>.pt``, keyed by the
-  content hash of the pairs file and of the SFT checkpoint), so no reference model
+  training, and cached in the run's ``prefs/`` folder (``<pairs>.ref-<key>.pt``, keyed
+  by the content hash of the pairs file and of the SFT checkpoint; never beside a
+  ``--pairs`` file of the user's, whose folder may be read-only), so no reference model
   sits in memory during training and nothing is recomputed unless the pairs or
   the SFT checkpoint change;
 - chosen and rejected responses go through the policy in one concatenated
@@ -65,15 +66,20 @@ def compute_logps(
 
 
 def reference_logps(
-    pairs_path: Path, sft_path: Path, data: TokenizedPairs, pad_id: int, device: torch.device
+    pairs_path: Path,
+    sft_path: Path,
+    data: TokenizedPairs,
+    pad_id: int,
+    device: torch.device,
+    cache_dir: Path,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs of every pair, from the cache beside the pairs when it is current.
+    """Reference log-probs of every pair, from the cache in `cache_dir` when it is current.
 
     The cache key is the hash of the pairs file and of the SFT checkpoint: change
     either and the cache is recomputed (with the reference model loaded only then).
     """
     key = hashlib.sha256((file_sha256(pairs_path) + file_sha256(sft_path)).encode()).hexdigest()
-    cache = pairs_path.with_name(f"{pairs_path.stem}.ref-{key[:16]}.pt")
+    cache = Path(cache_dir) / f"{pairs_path.stem}.ref-{key[:16]}.pt"
     if cache.exists():
         try:
             saved = torch.load(cache, map_location="cpu", weights_only=True)
@@ -150,9 +156,17 @@ def displacement_metrics(
 
 
 def run_dpo(
-    cfg: DPOConfig, job: Job, *, sft_path: Path, train_pairs: Path, eval_pairs: Path | None
+    cfg: DPOConfig,
+    job: Job,
+    *,
+    sft_path: Path,
+    train_pairs: Path,
+    eval_pairs: Path | None,
+    cache_dir: Path,
 ) -> dict[str, Any]:
-    """Train a DPO policy from the SFT checkpoint on the pairs; returns the final metrics."""
+    """Train a DPO policy from the SFT checkpoint on the pairs; returns the final metrics.
+    Both pair files are read and checked before anything is written; the reference
+    log-probs are cached in `cache_dir` (the run's prefs folder)."""
     check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing, nll_alpha=cfg.nll_alpha,
                     dpop_lambda=cfg.dpop_lambda)  # fmt: skip
     stage_config = provenance("dpo", cfg, job.seed, sft=sft_path, pairs=train_pairs)
@@ -160,11 +174,12 @@ def run_dpo(
     policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
-    ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device)
-    train_lengths = chosen_lengths(train_data)
     if eval_pairs is not None:
         eval_data = tokenize_pairs(load_pairs(eval_pairs)[0], tok, block, str(eval_pairs))
-        eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device)
+    ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device, cache_dir)
+    train_lengths = chosen_lengths(train_data)
+    if eval_pairs is not None:
+        eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device, cache_dir)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
         rng = stream(seed, "dpo/batch", step)
@@ -204,15 +219,15 @@ def run_dpo(
 
 
 def _ref_logps(ctx: Context, resume: bool) -> dict[str, Any]:
-    """Reference log-probs of every pair, computed once and cached beside the pairs."""
+    """Reference log-probs of every pair, computed once and cached in the run's prefs/."""
     _, tok = load_policy(ctx.paths.sft)
     block = ctx.cfg["model"].block_size
     tokens = 0
     for path in ctx.pairs:
-        for old in path.parent.glob(f"{path.stem}.ref-*.pt"):
+        for old in ctx.paths.prefs_dir.glob(f"{path.stem}.ref-*.pt"):
             old.unlink()  # the stage reruns only when they are stale
         data = tokenize_pairs(load_pairs(path, warn=False)[0], tok, block, str(path))
-        reference_logps(path, ctx.paths.sft, data, tok.eot_id, ctx.device)
+        reference_logps(path, ctx.paths.sft, data, tok.eot_id, ctx.device, ctx.paths.prefs_dir)
         tokens += sum(2 * len(p) + len(c) + len(r)
                       for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True))  # fmt: skip
     return {"tokens_forward": tokens}
@@ -260,7 +275,7 @@ def stage(
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_dpo(config(ctx), job, sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,
-                    eval_pairs=held_out)  # fmt: skip
+                    eval_pairs=held_out, cache_dir=ctx.paths.prefs_dir)  # fmt: skip
         return training_summary(s)
 
     return Stage(name, fn, ("dpo",), ("ref_logps",), inputs=inputs,

@@ -316,7 +316,13 @@ class Tokenizer:
                 f"{where}: 'special_tokens' must be {{{EOT!r}: {256 + len(merges)}}}, "
                 f"got {d.get('special_tokens')!r}"
             )
-        return cls(merges, pattern)
+        tok = cls(merges, pattern)
+        try:  # tiktoken's regex engine is not `regex`: a pattern one takes, the other may refuse
+            tok.encoding  # noqa: B018 (built here so a bad pattern fails at load, by name)
+        except ValueError as e:
+            first = str(e).splitlines()[0][:120]
+            raise MinidpoError(f"{where}: 'pattern' is not one tiktoken can run: {first}") from None
+        return tok
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `to_dict` as JSON to `path`, atomically."""

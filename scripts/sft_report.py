@@ -6,7 +6,9 @@ Samples N responses from the run's SFT checkpoint (cycling through the held-out
 prompts, temperature 1), scores them with the oracle reward, and does the same
 for N demonstrations drawn the way the SFT data was (held-out prompts); prints
 mean, std, the unparseable and unterminated shares, writes a histogram PNG and
-a JSON of the numbers.
+a JSON of the numbers. It also says where the unparseable share comes from: the
+policy's off-world probability mass on those demonstrations (`minidpo.fluency`), by
+position kind, whose sum predicts the share to first order.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minidpo.atomic import atomic_write_json
+from minidpo.fluency import WorldGrammar, off_world_mass
 from minidpo.oracle import reward_breakdown
 from minidpo.plots import reward_histogram
 from minidpo.policy import load_policy
@@ -58,7 +61,11 @@ def main() -> None:
             "unterminated_share": float(np.mean([x.unterminated > 0 for x in b])),
         }
 
-    report = {"sft_samples": stats(sft), "demonstrations": stats(dem)}
+    model.eval()
+    leak = off_world_mass(
+        model, tok, WorldGrammar(world, tok), [d.prompt for d in demos], [d.response for d in demos]
+    )
+    report = {"sft_samples": stats(sft), "demonstrations": stats(dem), "off_world_mass": leak}
     reward_histogram(
         {"demonstrations": [x.total for x in dem], "SFT samples": [x.total for x in sft]},
         out / "sft_rewards.png",

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from minidpo.cli import main
+from minidpo.checkpoints import save_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.reward_model import build_reward_model
 
@@ -296,8 +297,8 @@ def test_a_malformed_checkpoint_is_one_line_naming_it(tmp_path, capsys, tiny_sft
             **ckpt["model_config"],
             "n_embd": 2 * ckpt["model_config"]["n_embd"],
         }
-    bad = tmp_path / "bad.pt"
-    torch.save(ckpt, bad)
+    bad = tmp_path / "bad.pt"  # re-stamped, so it passes the format and checksum checks
+    save_checkpoint(bad, {k: v for k, v in ckpt.items() if k not in ("format", "version", "sha256")})
     assert main(["sample", "--preset", "tiny", "--runs-dir", str(tmp_path), "--checkpoint",
                  str(bad), "--n", "1"]) == 2  # fmt: skip
     (line,) = _err_lines(capsys)

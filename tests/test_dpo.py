@@ -53,10 +53,12 @@ def _cfg(**kw):
 
 
 def _run(tiny_sft, pair_files, out, **kw):
+    """DPO into `out`, its reference cache in out/../cache (as a run's prefs/ folder)."""
     train, evals = pair_files
     job = Job(out, 0, "cpu", progress=False,
               **{k: v for k, v in kw.items() if k in ("stop_after", "resume")})  # fmt: skip
-    return run_dpo(_cfg(**kw), job, sft_path=tiny_sft, train_pairs=train, eval_pairs=evals)
+    return run_dpo(_cfg(**kw), job, sft_path=tiny_sft, train_pairs=train, eval_pairs=evals,
+                   cache_dir=out.parent / "cache")  # fmt: skip
 
 
 def test_metrics_names_and_first_step_known_answer(tiny_sft, pair_files, tmp_path):
@@ -81,11 +83,6 @@ def test_metrics_names_and_first_step_known_answer(tiny_sft, pair_files, tmp_pat
 def test_reference_logps_computed_once_and_recomputed_on_change(
     tiny_sft, pair_files, tmp_path, monkeypatch
 ):
-    fresh = []  # copies, so no cache from another test sits beside them
-    for f in pair_files:
-        fresh.append(tmp_path / f.name)
-        fresh[-1].write_bytes(f.read_bytes())
-    pair_files = tuple(fresh)
     calls = []
     real = dpo_mod.load_policy
     monkeypatch.setattr(dpo_mod, "load_policy", lambda *a: calls.append(1) or real(*a))
@@ -99,15 +96,47 @@ def test_reference_logps_computed_once_and_recomputed_on_change(
     edited.write_text(train.read_text().replace("Gravity", "Gravity", 1) + "\n")
     calls.clear()
     job = Job(tmp_path / "c", 0, "cpu", progress=False)
-    run_dpo(_cfg(steps=2), job, sft_path=tiny_sft, train_pairs=edited, eval_pairs=evals)
+    run_dpo(_cfg(steps=2), job, sft_path=tiny_sft, train_pairs=edited, eval_pairs=evals,
+            cache_dir=tmp_path / "cache")  # fmt: skip
     assert len(calls) == 2  # new pairs file: its reference log-probs recomputed
+    assert len(list((tmp_path / "cache").glob("*.ref-*.pt"))) == 3
 
 
-def test_cached_reference_equals_fresh_computation(tiny_sft, pair_files):
+def test_pairs_in_a_read_only_folder_train_and_nothing_is_written_beside_them(
+    tiny_sft, pair_files, tmp_path
+):
+    src = tmp_path / "readonly"
+    src.mkdir()
+    copies = []
+    for f in pair_files:
+        copies.append(src / f.name)
+        copies[-1].write_bytes(f.read_bytes())
+    src.chmod(0o555)
+    try:
+        _run(tiny_sft, tuple(copies), tmp_path / "run" / "dpo", steps=2)
+        assert sorted(p.name for p in src.iterdir()) == ["eval.jsonl", "train.jsonl"]
+        assert len(list((tmp_path / "run" / "cache").glob("*.ref-*.pt"))) == 2
+    finally:
+        src.chmod(0o755)
+
+
+def test_a_bad_eval_pairs_file_is_reported_before_anything_is_written(
+    tiny_sft, pair_files, tmp_path
+):
+    train, _ = pair_files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Explain gravity.", "chosen": "A."}\n')
+    with pytest.raises(MinidpoError, match=r"bad.jsonl:1"):
+        _run(tiny_sft, (train, bad), tmp_path / "run" / "dpo", steps=2)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cached_reference_equals_fresh_computation(tiny_sft, pair_files, tmp_path):
     train, _ = pair_files
     model, tok = load_policy(tiny_sft)
     data = tokenize_pairs(load_pairs(train)[0], tok, model.config.block_size, "x")
-    c, r = dpo_mod.reference_logps(train, tiny_sft, data, tok.eot_id, torch.device("cpu"))
+    c, r = dpo_mod.reference_logps(train, tiny_sft, data, tok.eot_id, torch.device("cpu"),
+                                   tmp_path)  # fmt: skip
     c2, r2 = dpo_mod.compute_logps(model, data, tok.eot_id)
     torch.testing.assert_close(c, c2, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(r, r2, atol=1e-5, rtol=1e-6)
@@ -190,5 +219,6 @@ def test_bad_input(tiny_sft, pair_files, tmp_path):
     )
     with pytest.raises(MinidpoError, match=r"long.jsonl: pair 1 needs \d+ tokens"):
         job = Job(tmp_path / "y", 0, "cpu", progress=False)
-        run_dpo(_cfg(), job, sft_path=tiny_sft, train_pairs=long, eval_pairs=None)
+        run_dpo(_cfg(), job, sft_path=tiny_sft, train_pairs=long, eval_pairs=None,
+                cache_dir=tmp_path / "y")  # fmt: skip
     assert not (tmp_path / "y").exists()  # nothing half-written

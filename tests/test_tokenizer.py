@@ -276,6 +276,8 @@ BAD_FILES = {
     "duplicate pair": json.dumps(_good() | {"merges": [[97, 98], [97, 98]]}),
     "wrong special tokens": json.dumps(_good() | {"special_tokens": {EOT: 300}}),
     "bad pattern": json.dumps(_good() | {"pattern": "(unclosed"}),
+    "pattern only regex takes (\\X)": json.dumps(_good() | {"pattern": r"\X"}),
+    "pattern only regex takes (recursion)": json.dumps(_good() | {"pattern": r"a(?R)?b|\s"}),
 }
 
 
@@ -287,6 +289,8 @@ def test_load_errors_name_the_path(what: str, tmp_path) -> None:
         Tokenizer.load(path)
     assert str(path) in str(info.value), what
     assert "\n" not in str(info.value)
+    if "pattern" in what:
+        assert "'pattern'" in str(info.value), what
 
 
 def test_load_missing_file(tmp_path) -> None:
