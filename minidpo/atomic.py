@@ -5,10 +5,17 @@ of one, so a rerun can trust whatever it finds. Every file minidpo writes goes
 through these helpers (metrics logs are appended line by line and truncated on
 resume, see `minidpo.training`). The temp file gets the mode a plain ``open`` would
 have given (0666 less the umask), not ``mkstemp``'s private 0600.
+
+A write the file system refuses (disk full, read-only, permission denied) is one
+MinidpoError naming the path, with the temp file removed and the old file untouched,
+so freeing space and rerunning resumes. The temp file of a process killed before its
+rename is removed by the next write of the same file (one writer per run folder:
+`minidpo.lock`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -17,6 +24,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from minidpo.errors import MinidpoError
 
 
 def _umask() -> int:
@@ -27,8 +36,14 @@ def _umask() -> int:
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}."
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{prefix}*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MinidpoError(f"{path}: cannot write ({e.strerror or e})") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -36,8 +51,10 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MinidpoError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
     return path
 
@@ -64,5 +81,8 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` to `path` atomically."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    """`torch.save` to `path` atomically (serialised in memory first, so a refused write
+    is a Python OSError, never an error deep inside torch's zip writer)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -23,6 +23,7 @@ Bad input (an unknown flag or preset, a missing or corrupt file) prints one line
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -503,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errno values of a file system that refuses a write; the atomic writes name their path
+# themselves, these catch the rest (a metrics line appended, a folder made, the lock).
+REFUSED_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `minidpo` console script and `python -m minidpo`."""
     parser = build_parser()
@@ -511,6 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except MinidpoError as e:
         sys.stderr.write(f"minidpo: error: {e}\n")
+        return 2
+    except OSError as e:  # the file system said no: disk full, read-only, permission denied
+        if e.errno not in REFUSED_WRITES:
+            raise
+        sys.stderr.write(f"minidpo: error: {e.filename or 'a file'}: {e.strerror}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("minidpo: interrupted; run the same command again to resume\n")

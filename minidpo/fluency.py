@@ -107,7 +107,7 @@ def off_world_mass(
     sums = dict.fromkeys(POSITION_KINDS, 0.0)
     for i in range(0, len(prompts), batch_size):
         ps = [tok.encode(format_prompt(p)) for p in prompts[i : i + batch_size]]
-        rs = [tok.encode(r) + [tok.eot_id] for r in responses[i : i + batch_size]]
+        rs = [[*tok.encode(r), tok.eot_id] for r in responses[i : i + batch_size]]
         batch = build_batch(ps, rs, pad_id=tok.eot_id).to(device)
         probs = torch.softmax(model(batch.input_ids).float(), dim=-1).cpu()
         for b, (p, r) in enumerate(zip(ps, rs, strict=True)):

@@ -42,6 +42,11 @@ def _release(path: Path) -> None:
     _HELD.discard(path)
 
 
+def release(folder: Path) -> None:
+    """Give up the lock of `folder` before exit (a command that stops before writing)."""
+    _release(Path(folder) / ".lock")
+
+
 def hold(folder: Path) -> None:
     """Take the lock of `folder` for this process (a no-op if it holds it already);
     MinidpoError naming the holder if a live process holds it."""

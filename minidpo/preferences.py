@@ -178,12 +178,13 @@ def load_pairs(path: str | Path, *, warn: bool = True) -> tuple[list[PreferenceP
                     rejected_terminated=bool(row.get("rejected_terminated", True)),
                 )
             )
+    if not pairs:
+        why = f" (all {skipped} have chosen == rejected)" if skipped else ""
+        raise MinidpoError(f"{path}: no usable preference pairs{why}")
     if skipped and warn:
         sys.stderr.write(
             f"minidpo: warning: {path}: skipped {skipped} pairs with chosen == rejected\n"
         )
-    if not pairs:
-        raise MinidpoError(f"{path}: no usable preference pairs")
     return pairs, skipped
 
 

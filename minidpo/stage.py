@@ -24,6 +24,7 @@ one entry in the pipeline's table (docs/ARCHITECTURE.md shows the diff it took).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,7 @@ from minidpo.checkpoints import content_sha256
 from minidpo.config import RunConfig, to_dict
 from minidpo.cost import measure
 from minidpo.errors import MinidpoError
-from minidpo.lock import hold
+from minidpo.lock import hold, release
 from minidpo.paths import RunPaths
 
 
@@ -143,6 +144,19 @@ def up_to_date(ctx: Context, stage: Stage, key: str) -> dict[str, Any] | None:
     return stamp
 
 
+def _undo_start(folder: Path, started: Path) -> None:
+    """Take back what starting a stage wrote (its `.started` stamp, and the stamps folder,
+    the lock and the run folder when nothing else is in them): bad input writes nothing."""
+    started.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        started.parent.rmdir()  # only if empty
+    if {p.name for p in folder.iterdir()} <= {".lock"}:
+        release(folder)
+        for d in (folder, folder.parent):  # the run folder, then --runs-dir, if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, Any]:
     """Skip, resume or rerun one stage (see the module docstring); returns its stamp and
     records it in `stamps`."""
@@ -159,8 +173,13 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
     resume = stage.name not in ctx.force and started is not None and started.get("key") == key
     atomic_write_json(path.with_suffix(".started"), {"key": key})
     ctx.log(f"[{stage.name}] {'resuming' if resume else 'running'}")
-    with measure(ctx.device) as cost:
-        summary = stage.fn(ctx, resume)
+    try:
+        with measure(ctx.device) as cost:
+            summary = stage.fn(ctx, resume)
+    except MinidpoError:  # bad input, found before the stage wrote anything to resume from
+        if started is None:
+            _undo_start(ctx.folder, path.with_suffix(".started"))
+        raise
     outs = stage.outputs(ctx)
     digest = content_sha256(outs) if outs else None
     if digest is None:

@@ -31,7 +31,7 @@ def demos(world):
 
 def test_every_demonstration_stays_in_the_world(grammar, tok, demos) -> None:
     for d in demos:
-        ids = tok.encode(d.response) + [tok.eot_id]
+        ids = [*tok.encode(d.response), tok.eot_id]
         walk = grammar.walk(ids)
         assert len(walk) == len(ids)
         kinds = [k for k, _ in walk]
@@ -49,7 +49,7 @@ def test_allowed_sets_equal_brute_force_over_the_sentences(world, grammar, tok) 
     seqs = [tok.encode(s) for s in world.sentences()]
     for s in world.sentences()[::17]:
         ids = tok.encode(s)
-        walk = grammar.walk(ids + [tok.eot_id])
+        walk = grammar.walk([*ids, tok.eot_id])
         for j in range(len(ids) + 1):
             prefix = ids[:j]
             expected = {q[j] for q in seqs if q[:j] == prefix and len(q) > j}
@@ -61,10 +61,10 @@ def test_allowed_sets_equal_brute_force_over_the_sentences(world, grammar, tok) 
 def test_a_splice_leaves_the_world_where_it_happens(grammar, tok) -> None:
     good = tok.encode("Magnetism is what makes magnets stick.")
     bad = tok.encode("Combustion is what makes magnets stick.")
-    grammar.walk(good + [tok.eot_id])
+    grammar.walk([*good, tok.eot_id])
     first_diff = next(i for i, (a, b) in enumerate(zip(good, bad, strict=False)) if a != b)
     with pytest.raises(ValueError, match="leaves the world"):
-        grammar.walk(bad + [tok.eot_id])
+        grammar.walk([*bad, tok.eot_id])
     # the same splice, checked token by token: its prefix is fine up to the slip
     ok = 0
     for j in range(1, len(bad) + 1):
@@ -94,7 +94,7 @@ def test_uniform_model_leaks_one_minus_allowed_over_vocabulary(grammar, tok, dem
                          batch_size=7)  # fmt: skip
     expected = dict.fromkeys(POSITION_KINDS, 0.0)
     for d in demos:
-        for kind, allowed in grammar.walk(tok.encode(d.response) + [tok.eot_id]):
+        for kind, allowed in grammar.walk([*tok.encode(d.response), tok.eot_id]):
             expected[kind] += 1 - len(allowed) / V
     for k, v in expected.items():
         assert got[k] == pytest.approx(v / len(demos), rel=1e-5), k
@@ -105,7 +105,7 @@ def test_a_model_on_the_world_only_leaks_nothing(world, grammar, tok) -> None:
     """All mass on one in-world token at every position: the off-world mass is 0; moving
     a share eps of it onto an off-world token leaks eps at every position."""
     text = world.sentences()[0]
-    ids = tok.encode(text) + [tok.eot_id]
+    ids = [*tok.encode(text), tok.eot_id]
     walk = grammar.walk(ids)
     prompt = world.prompts("eval")[0].text
     n_prompt = len(tok.encode(format_prompt(prompt)))
@@ -124,6 +124,8 @@ def test_a_model_on_the_world_only_leaks_nothing(world, grammar, tok) -> None:
                 p[:, n_prompt - 1 + j, outside] = self.eps
             return p.log()
 
-    assert off_world_mass(Teacher(0.0), tok, grammar, [prompt], [text])["total"] == pytest.approx(0, abs=1e-6)
+    assert off_world_mass(Teacher(0.0), tok, grammar, [prompt], [text])["total"] == pytest.approx(
+        0, abs=1e-6
+    )
     leak = off_world_mass(Teacher(0.01), tok, grammar, [prompt], [text])
     assert leak["total"] == pytest.approx(0.01 * len(ids), rel=1e-4)

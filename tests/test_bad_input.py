@@ -1,0 +1,260 @@
+"""The bad-input matrix: every mistake a user makes is one line naming what and where,
+exit code 2, and nothing written; and the faults of the file system and of a killed
+process leave nothing half-written, with a rerun that resumes to the same numbers.
+
+Each row of `MATRIX` is (case, command, expected first line of stderr). In a command,
+``{tmp}`` is the test's folder (which holds the input files `_inputs` writes) and
+``{sft}`` a finished tiny SFT checkpoint. Every row runs `minidpo` in-process with
+``--runs-dir {tmp}/runs`` and checks: exit code 2, exactly one line on stderr matching
+the expected one, and no file created or changed under ``{tmp}``.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minidpo.atomic as atomic
+from minidpo.checkpoints import content_sha256, load_checkpoint
+from minidpo.cli import main
+from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.training import read_metrics
+from minidpo.world import load_world
+
+ROOT = Path(__file__).resolve().parents[1]
+E = "minidpo: error: "
+
+MATRIX: list[tuple[str, str, str]] = [
+    # usage: argparse's own line
+    ("unknown flag", "sft --no-such-flag", r"unrecognized arguments: --no-such-flag"),
+    ("not a number", "sft --steps many", r"argument --steps: invalid int value: 'many'"),
+    ("unknown command", "nope", r"invalid choice: 'nope'"),
+    ("unknown preset", "sft --preset huge", E + r"--preset.*huge"),
+    ("unknown stage to force", "pipeline --force nope", E + r".*--force.*nope"),
+    # numbers out of range, in every command and group (config.check_ranges)
+    ("zero steps", "dpo --steps 0", E + r"--steps: must be >= 1, got 0"),
+    ("negative lr", "dpo --lr -1", E + r"--lr: must be finite and > 0"),
+    ("zero batch", "dpo --batch-size 0", E + r"--batch-size: must be >= 1"),
+    ("zero eval-every", "dpo --eval-every 0", E + r"--eval-every: must be >= 1"),
+    ("negative seed", "sft --seed -1", E + r"--seed: must be >= 0"),
+    ("nan lr", "sft --lr nan", E + r"--lr: must be finite and > 0"),
+    ("huge n-demos", "sft --n-demos 1000000000000", E + r"--n-demos: at most 2,000,000"),
+    ("zero samples", "eval --samples-per-prompt 0", E + r"--samples-per-prompt: must be >= 1"),
+    ("zero samples to print", "sample --n 0", E + r"--n: must be >= 1"),
+    ("prefixed group flag", "pipeline --ppo-iterations 0", E + r"--ppo-iterations: must be >= 1"),
+    # method settings, named by the flag the user typed
+    ("beta inf", "dpo --beta inf", E + r".*--beta"),
+    ("negative nll alpha", "dpo --nll-alpha -1", E + r".*--nll-alpha"),
+    ("nan dpop lambda", "dpo --dpop-lambda nan", E + r".*--dpop-lambda"),
+    ("zero KL target", "ppo --adaptive-kl --kl-target 0", E + r".*--kl-target"),
+    ("pipeline beta 0", "pipeline --dpo-beta 0", E + r".*--dpo-beta"),
+    ("pipeline nll alpha", "pipeline --dpo-nll-alpha -0.5", E + r".*--dpo-nll-alpha"),
+    ("context too long", "pipeline --ppo-max-new-tokens 200", E + r".*--ppo-max-new-tokens 200"),
+    ("sweep context", "sweep --eval-max-new-tokens 500", E + r".*--eval-max-new-tokens 500"),
+    ("sweep list", "sweep --sweep-ppo-kl-targets 2,0", E + r".*--sweep-ppo-kl-targets"),
+    ("sweep alphas", "sweep --sweep-unlikelihood-alphas -0.1", E + r".*--sweep-unlikelihood-alphas"),
+    ("vocabulary too small", "tokenizer --vocab-size 300", E + r".*--vocab-size"),
+    # run names that would leave the runs folder
+    ("name escapes", "sft --name ../escape", E + r"--name: '../escape' is not a folder name"),
+    ("absolute name", "sft --name /tmp/absolute", E + r"--name: '/tmp/absolute'"),
+    ("empty name", "sft --name=", E + r"--name: '' is not a folder name"),
+    # missing inputs
+    ("no SFT yet", "dpo", E + r".*sft/checkpoint\.pt: not found; stage dpo reads it"),
+    ("pairs not there", "dpo --sft {sft} --pairs {tmp}/nope.jsonl", E + r".*nope\.jsonl: not found; stage dpo reads it"),
+    ("a folder as checkpoint", "dpo --sft {tmp} --pairs {tmp}/good.jsonl", E + r".*: unreadable; stage dpo reads it"),
+    # damaged checkpoints
+    ("flipped bytes", "dpo --sft {tmp}/flipped.pt --pairs {tmp}/good.jsonl",
+     E + r".*flipped\.pt: content does not match its checksum"),
+    ("truncated checkpoint", "dpo --sft {tmp}/truncated.pt --pairs {tmp}/good.jsonl",
+     E + r".*truncated\.pt: unreadable; stage dpo reads it"),
+    ("foreign pickle", "sample --checkpoint {tmp}/foreign.pt", E + r".*foreign\.pt: not a minidpo checkpoint"),
+    # pairs files
+    ("gzip pairs", "dpo --sft {sft} --pairs {tmp}/pairs.jsonl.gz", E + r".*pairs\.jsonl\.gz.*not UTF-8"),
+    ("latin-1 pairs", "dpo --sft {sft} --pairs {tmp}/latin1.jsonl", E + r".*latin1\.jsonl:1.*not UTF-8"),
+    ("invalid JSON line", "dpo --sft {sft} --pairs {tmp}/badline.jsonl", E + r".*badline\.jsonl:2"),
+    ("missing key", "dpo --sft {sft} --pairs {tmp}/nokey.jsonl", E + r".*nokey\.jsonl:1.*rejected"),
+    ("all pairs equal", "dpo --sft {sft} --pairs {tmp}/equal.jsonl",
+     E + r".*equal\.jsonl: no usable preference pairs \(all 3 have chosen == rejected\)"),
+    ("bad held-out pairs", "dpo --sft {sft} --pairs {tmp}/good.jsonl --eval-pairs {tmp}/nokey.jsonl",
+     E + r".*nokey\.jsonl:1"),
+    # other inputs
+    ("binary gravity example", "gravity --example {tmp}/binary.json", E + r".*binary\.json.*not UTF-8"),
+    ("prompt not of the world", "ppo --reward oracle --sft {sft} --prompts {tmp}/prompts.txt",
+     E + r".*prompts\.txt:1"),
+]  # fmt: skip
+
+
+def _inputs(tmp: Path, sft: Path) -> None:
+    """The files the matrix's commands read."""
+    world = load_world()
+    pairs = []
+    for i, p in enumerate(world.prompts("train")[:6]):
+        t = world.topics[p.topic]
+        pairs.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
+    save_pairs(tmp / "good.jsonl", pairs)
+    good = (tmp / "good.jsonl").read_text()
+    (tmp / "pairs.jsonl.gz").write_bytes(gzip.compress(good.encode()))
+    row = {"prompt": "Explain gravity.", "chosen": "Gravity is caf\u00e9.", "rejected": "No."}
+    (tmp / "latin1.jsonl").write_bytes(json.dumps(row, ensure_ascii=False).encode("latin-1"))
+    (tmp / "badline.jsonl").write_text(good.splitlines()[0] + "\n{not json\n")
+    (tmp / "nokey.jsonl").write_text(
+        json.dumps({"prompt": "Explain gravity.", "chosen": "A."}) + "\n"
+    )
+    same = {"prompt": "Explain gravity.", "chosen": "Gravity is when things fall down."}
+    (tmp / "equal.jsonl").write_text(3 * (json.dumps({**same, "rejected": same["chosen"]}) + "\n"))
+    (tmp / "binary.json").write_bytes(bytes(range(256)))
+    (tmp / "prompts.txt").write_text("Explain the stock market.\n")
+    raw = bytearray(sft.read_bytes())
+    w = load_checkpoint(sft)["model"]["transformer.wte.weight"]
+    at = bytes(raw).find(w.numpy().tobytes()[:64])
+    raw[at + 10] ^= 0x40
+    (tmp / "flipped.pt").write_bytes(bytes(raw))
+    (tmp / "truncated.pt").write_bytes(sft.read_bytes()[:1000])
+    torch.save({"state_dict": {}}, tmp / "foreign.pt")
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}  # fmt: skip
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_sft) -> Path:
+    tmp = tmp_path_factory.mktemp("inputs")
+    _inputs(tmp, tiny_sft)
+    return tmp
+
+
+@pytest.mark.parametrize("case, command, expected", MATRIX, ids=[c for c, _, _ in MATRIX])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    case, command, expected, inputs, tiny_sft, tmp_path, capsys
+) -> None:
+    for f in inputs.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    argv = command.format(tmp=tmp_path, sft=tiny_sft).split()
+    if argv[0] not in ("nope", "gravity"):  # the commands that take a preset and a run
+        argv += ["--runs-dir", str(tmp_path / "runs")]
+        argv += [] if "--preset" in argv else ["--preset", "tiny"]
+    before = _tree(tmp_path)
+    assert _run(argv) == 2, case
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert re.search(expected, err[0]), (err[0], expected)
+    assert _tree(tmp_path) == before, "something was written"
+
+
+def test_the_readme_promise_names_the_matrix() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "tests/test_bad_input.py" in readme
+    assert f"{len(MATRIX)} cases" in readme
+
+
+# ------------------------------------------------------------------ file-system faults
+
+
+def _sft(runs: Path, name: str, *extra: str) -> list[str]:
+    return ["sft", "--preset", "tiny", "--runs-dir", str(runs), "--name", name, *extra]
+
+
+@pytest.mark.parametrize(
+    "err, where",
+    [(errno.ENOSPC, "fsync"), (errno.EROFS, "mkstemp"), (errno.EACCES, "mkstemp"),
+     (errno.ENOSPC, "append")],
+)  # fmt: skip
+def test_a_refused_write_is_one_line_and_a_rerun_resumes_to_the_same_weights(
+    err, where, tmp_path, capsys, monkeypatch
+) -> None:
+    """The file system refuses the Nth write (disk full, read-only, permission denied):
+    one line naming a path, exit 2, no temp file left; with the fault gone, the same
+    command finishes with the weights of a run that never failed."""
+    runs = tmp_path / "runs"
+    assert main(_sft(runs, "clean")) == 0
+    capsys.readouterr()
+    calls = {"n": 0}
+
+    def refuse(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(err, os.strerror(err), str(runs / "faulty" / "sft" / "x"))
+        return real(*a, **k)
+
+    if where == "fsync":
+        real = os.fsync
+        monkeypatch.setattr(atomic.os, "fsync", refuse)
+    elif where == "mkstemp":
+        real = atomic.tempfile.mkstemp
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    else:
+        import minidpo.training as training
+
+        real_log = training.MetricsLog.log
+
+        def real(self, row):
+            return real_log(self, row)
+
+        monkeypatch.setattr(training.MetricsLog, "log", lambda self, row: refuse(self, row))
+    assert main(_sft(runs, "faulty")) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith(E) and str(runs / "faulty") in line and os.strerror(err) in line
+    assert not list((runs / "faulty").rglob("*.tmp"))
+    monkeypatch.undo()
+    assert main(_sft(runs, "faulty")) == 0
+    clean, again = (runs / n / "sft" / "checkpoint.pt" for n in ("clean", "faulty"))
+    assert torch.equal(load_checkpoint(clean)["model"]["lm_head.weight"],
+                       load_checkpoint(again)["model"]["lm_head.weight"])  # fmt: skip
+    assert content_sha256([clean]) == content_sha256([again])
+
+
+_KILL_AT_RENAME = """
+import os, signal, sys
+import minidpo.atomic as atomic
+real, n = os.replace, {"n": 0}
+def replace(src, dst):
+    if str(dst).endswith("checkpoint.pt"):
+        n["n"] += 1
+        if n["n"] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)  # the temp file is written, not renamed
+    return real(src, dst)
+atomic.os.replace = replace
+from minidpo.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_killed_between_temp_file_and_rename_resumes_to_the_same_numbers(tmp_path) -> None:
+    runs = tmp_path / "runs"
+    assert main(_sft(runs, "clean", "--ckpt-every", "5")) == 0
+    argv = _sft(runs, "killed", "--ckpt-every", "5")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_RENAME, "3", *argv], env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    folder = runs / "killed" / "sft"
+    assert list(folder.glob(".checkpoint.pt.*.tmp"))  # the write it was killed in
+    assert load_checkpoint(folder / "checkpoint.pt")["step"] == 10  # the last renamed one
+    assert main(argv) == 0  # resumes from step 10
+    assert not list(folder.glob("*.tmp"))
+    a, b = runs / "clean" / "sft", folder
+    assert content_sha256([a / "checkpoint.pt"]) == content_sha256([b / "checkpoint.pt"])
+    untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(d / "metrics.jsonl")]
+               for d in (a, b)]  # fmt: skip
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 20
