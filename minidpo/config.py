@@ -62,6 +62,10 @@ class ModelConfig:
     n_embd: int = _f(96, "residual stream width")
     block_size: int = _f(128, "context length in tokens (prompt + response + end-of-text)")
     dropout: float = _f(0.0, "dropout probability (0: the toy world needs none)")
+    tie_head: bool = _f(
+        True, "one matrix embeds ids and scores the next token, as in GPT-2 (--no-tie-head: "
+        "the head starts as a copy and trains apart; README, SFT)"
+    )
 
 
 @dataclass

@@ -70,6 +70,11 @@ class GPTConfig:
     bias: bool = True
     """Biases in Linear layers and LayerNorms, as in GPT-2. False is slightly smaller."""
 
+    tie_head: bool = ModelConfig.tie_head
+    """One (V, C) matrix both embeds ids and scores the next token (Press & Wolf 2017, as
+    in GPT-2). False: the head starts as a copy of the embedding and the two train apart
+    (V*C more parameters, the same compute)."""
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
@@ -103,6 +108,7 @@ def param_count(config: GPTConfig, non_embedding: bool = False) -> int:
     ``config.bias`` else 0:
 
         token embedding (tied with lm_head, counted once)   V*C
+        lm_head, only if not ``tie_head``                    V*C
         position embedding                                   P*C
         per block: ln_1, ln_2               2 * (C + b*C)
                    attention  c_attn        C*3C + b*3C
@@ -112,7 +118,7 @@ def param_count(config: GPTConfig, non_embedding: bool = False) -> int:
                    = 12*C**2 + 2*C + b*11*C
         final LayerNorm                                      C + b*C
 
-        total = V*C + P*C + L*(12*C**2 + (2 + 11*b)*C) + (1 + b)*C
+        total = V*C + P*C + L*(12*C**2 + (2 + 11*b)*C) + (1 + b)*C  (+ V*C untied)
 
     ``non_embedding`` drops the position embedding, as nanoGPT does: the token
     embedding stays because, tied, it is also the output layer's weight.
@@ -123,6 +129,7 @@ def param_count(config: GPTConfig, non_embedding: bool = False) -> int:
     C, L, b = config.n_embd, config.n_layer, int(config.bias)
     per_block = 12 * C * C + (2 + 11 * b) * C
     total = config.vocab_size * C + config.block_size * C + L * per_block + (1 + b) * C
+    total += 0 if config.tie_head else config.vocab_size * C
     if non_embedding:
         total -= config.block_size * C
     return total
@@ -279,6 +286,8 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 std = 0.02 / math.sqrt(2 * config.n_layer)
                 nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+        if not config.tie_head:  # untie after init: same draws, so the same start either way
+            self.transformer.wte.weight = nn.Parameter(self.lm_head.weight.detach().clone())
 
     @property
     def device(self) -> torch.device:

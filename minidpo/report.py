@@ -43,7 +43,12 @@ def load_results(folder: Path) -> dict[str, Any]:
 
 def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
     """Points of the frontier plot and where they come from: the sweep (mean ± se over
-    seeds) when it ran, else the pipeline's own single-seed run."""
+    seeds) when it ran, else the pipeline's own single-seed run.
+
+    Each point has two standard errors of its reward: ``reward_se``, from the spread of
+    the seeds' means (training noise and sampling noise together; from 3 seeds, itself
+    a rough estimate), and ``sampling_se``, the sampling noise alone,
+    sqrt(sum_s se_s^2) / n over the seeds' own standard errors: what more samples shrink."""
     sweep = folder / "sweep" / "points.json"
     if sweep.exists():
         raw = json.loads(sweep.read_text())["points"]
@@ -58,16 +63,19 @@ def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
             points.append({
                 "method": method, "setting": setting, "step": step, "seeds": n,
                 "reward": r_mean, "reward_se": r_se if n > 1 else ps[0]["reward_se"],
+                "sampling_se": float(np.sqrt(sum(p["reward_se"] ** 2 for p in ps)) / n),
                 "kl": k_mean, "kl_se": k_se if n > 1 else (ps[0]["kl_se"] or 0.0),
                 "elapsed_s": float(np.mean([p["elapsed_s"] for p in ps])),
             })  # fmt: skip
         results = folder / "eval" / "results.json"
         if results.exists():  # Best-of-N has no training run: its one point, from the pipeline
-            points += [dict(p, seeds=1) for p in load_results(folder)["frontier"]
+            points += [dict(p, seeds=1, sampling_se=p["reward_se"])
+                       for p in load_results(folder)["frontier"]
                        if p["method"].startswith("Best-of-")]  # fmt: skip
         return points, f"sweep: mean ± se over {max(p['seeds'] for p in points)} seeds"
     results = load_results(folder)
-    return [dict(p, seeds=1) for p in results["frontier"]], "one seed; bars: sampling se"
+    return ([dict(p, seeds=1, sampling_se=p["reward_se"]) for p in results["frontier"]],
+            "one seed; bars: sampling se")  # fmt: skip
 
 
 def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -300,19 +308,37 @@ def frontier_table(folder: Path) -> list[dict[str, Any]]:
         best = max(ps, key=lambda p: p["reward"])
         rows.append({"method": method, "setting": setting, "seeds": last["seeds"],
                      "reward": last["reward"], "reward_se": last["reward_se"],
+                     "sampling_se": last["sampling_se"],
                      "kl": last["kl"], "kl_se": last["kl_se"],
                      "best_reward": best["reward"], "best_reward_se": best["reward_se"]})  # fmt: skip
     return rows
 
 
+SE_TARGET = 0.05  # a frontier point's standard error on the reward (the issue's target)
+
+
 def frontier_lines(folder: Path) -> list[str]:
-    """`frontier_table` as markdown."""
-    L = ["| method | setting | oracle reward, last | KL, last | oracle reward, best snapshot |",
-         "|---|---|---|---|---|"]  # fmt: skip
-    for r in frontier_table(folder):
+    """`frontier_table` as markdown, then how many last snapshots meet `SE_TARGET`, by
+    either standard error (see `frontier_points`)."""
+    L = ["| method | setting | oracle reward, last (± se over seeds) | sampling se | KL, last "
+         "| oracle reward, best snapshot |", "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = frontier_table(folder)
+    for r in rows:
         L.append(f"| {r['method']} | {r['setting'] or '–'} | {r['reward']:+.3f} ± "
-                 f"{r['reward_se']:.3f} | {r['kl']:.2f} ± {r['kl_se'] or 0:.2f} | "
-                 f"{r['best_reward']:+.3f} ± {r['best_reward_se']:.3f} |")  # fmt: skip
+                 f"{r['reward_se']:.3f} | {r['sampling_se']:.3f} | {r['kl']:.2f} ± "
+                 f"{r['kl_se'] or 0:.2f} | {r['best_reward']:+.3f} ± "
+                 f"{r['best_reward_se']:.3f} |")  # fmt: skip
+    sampling = [r for r in rows if r["sampling_se"] > SE_TARGET]
+    spread = [r for r in rows if r["seeds"] > 1 and r["reward_se"] > SE_TARGET]
+
+    def names(rs: list[dict[str, Any]], se: str) -> str:
+        return ", ".join(f"{r['method']} {r['setting']}".strip() + f" {r[se]:.3f}" for r in rs)
+
+    n = len(rows)
+    L += ["", f"Sampling se ≤ {SE_TARGET} for {n - len(sampling)} of {n} last snapshots"
+          + (f" (above it: {names(sampling, 'sampling_se')})" if sampling else "")
+          + f"; the se over seeds ≤ {SE_TARGET} for {n - len(spread)} of {n}"
+          + (f" (above it: {names(spread, 'reward_se')})" if spread else "") + "."]  # fmt: skip
     return L
 
 

@@ -80,6 +80,7 @@ def test_config_from_dict_rejects_unknown_key() -> None:
         GPTConfig(vocab_size=512, n_layer=4, n_embd=128),
         GPTConfig(vocab_size=100, block_size=20, n_layer=3, n_head=3, n_embd=24, bias=False),
         GPTConfig(vocab_size=7, block_size=9, n_layer=1, n_head=1, n_embd=8),
+        GPTConfig(vocab_size=100, block_size=20, n_layer=2, n_head=2, n_embd=16, tie_head=False),
     ],
 )
 def test_param_count_matches_formula(config: GPTConfig) -> None:
@@ -96,6 +97,26 @@ def test_param_count_known_answer() -> None:
     assert param_count(GPTConfig(vocab_size=512, n_layer=4, n_embd=128)) == 875264
     # the defaults are the cpu preset's: 512*96 + 128*96 + 3*(12*96**2 + 13*96) + 2*96
     assert param_count(GPTConfig(vocab_size=512)) == 397152
+    # untied: the head's own 512*96 on top
+    assert param_count(GPTConfig(vocab_size=512, tie_head=False)) == 397152 + 512 * 96
+
+
+def test_an_untied_head_starts_as_the_embedding_and_trains_apart() -> None:
+    """--no-tie-head: the same initial draws, so the two start equal; one optimizer step
+    on a loss that reaches the head moves head and embedding differently."""
+    torch.manual_seed(0)
+    tied = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8),
+               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    untied = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8,
+                           tie_head=False), generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    assert torch.equal(untied.lm_head.weight, tied.lm_head.weight)
+    assert torch.equal(untied.transformer.wte.weight, tied.transformer.wte.weight)
+    opt = torch.optim.SGD(untied.parameters(), lr=1.0)
+    idx = torch.randint(0, 50, (2, 8))
+    untied(idx).logsumexp(-1).mean().backward()
+    opt.step()
+    assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
 
 
 def test_gpt_defaults_are_the_model_config_defaults() -> None:

@@ -25,6 +25,7 @@ from minidpo.pipeline import STAGE_NAMES, run_pipeline
 from minidpo.report import (
     cost_table,
     displacement_table,
+    frontier_lines,
     frontier_table,
     matched_kl_gaps,
     pareto,
@@ -222,6 +223,23 @@ def test_frontier_table_keeps_each_runs_last_and_best_snapshot(tmp_path):
     r = rows[("DPO", "beta=0.1")]
     assert (r["reward"], r["kl"], r["best_reward"]) == (0.5, 0.4, 0.6)  # last is step 20
     assert rows[("DPO", "beta=1")]["best_reward"] == 0.3
+
+
+def test_sweep_points_carry_both_standard_errors_and_the_target_is_counted(tmp_path):
+    """Three seeds of one run: se over seeds from the seeds' means, sampling se =
+    sqrt(sum se_s^2) / 3 from their own; the report line counts both against 0.05."""
+    seeds = [(1.0, 0.06), (1.3, 0.06), (1.6, 0.06)]  # (reward, its sampling se) per seed
+    raw = [{"method": "PPO", "setting": "target=2", "step": 40, "seed": s, "reward": r,
+            "reward_se": se, "kl": 1.0, "kl_se": 0.1, "elapsed_s": 1.0}
+           for s, (r, se) in enumerate(seeds)]  # fmt: skip
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "points.json").write_text(json.dumps({"points": raw}))
+    (row,) = frontier_table(tmp_path)
+    assert row["reward_se"] == pytest.approx(np.std([1.0, 1.3, 1.6], ddof=1) / np.sqrt(3))
+    assert row["sampling_se"] == pytest.approx(np.sqrt(3 * 0.06**2) / 3)  # 0.0346
+    line = frontier_lines(tmp_path)[-1]
+    assert line.startswith("Sampling se ≤ 0.05 for 1 of 1 last snapshots;")
+    assert "the se over seeds ≤ 0.05 for 0 of 1 (above it: PPO target=2 0.173)." in line
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 16])
