@@ -49,6 +49,8 @@ from minidpo.config import (
 from minidpo.errors import MinidpoError
 from minidpo.evaluate import evaluate_policy, summarize
 from minidpo.gravity import compute, load_example, render
+from minidpo.grpo import GRPOConfig
+from minidpo.grpo import stage as grpo_stage
 from minidpo.oracle import RULE_VALUES, reward_breakdown
 from minidpo.paths import RunPaths
 from minidpo.pipeline import (
@@ -319,6 +321,22 @@ def cmd_ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    """GRPO alone (not yet a pipeline stage): the run's SFT and, with --reward rm, its RM."""
+    cfg = _checked(args, ["pipeline"])
+    cfg["grpo"] = _cfg(GRPOConfig, "grpo", args)  # ranges checked in `resolve`
+    cfg["grpo"].validate()
+    run = _run(args)
+    given = {k: Path(v) for k, v in (("sft", args.sft), ("rm", args.rm)) if v}
+    ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
+                  force={"grpo"} if run.force else set(), inputs=given)  # fmt: skip
+    stage = grpo_stage(reward=args.reward)
+    s = run_stage(ctx, stage, {})["summary"]
+    print(f"grpo: {_trained(stage, ctx)} (held-out oracle reward {s['eval_oracle']:+.3f} "
+          f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)")  # fmt: skip
+    return 0
+
+
 def cmd_preferred_ft(args: argparse.Namespace) -> int:
     stage, ctx, stamp = _one_stage(args, "preferred_ft", ["preferred_ft"], sft=args.sft)
     loss = stamp["summary"].get("train_loss")
@@ -467,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
                    help="rm: the reward model (RLHF); oracle: r* itself (PPO-GT)")  # fmt: skip
     p.add_argument("--prompts", help="training prompts, one per line (default: the world's)")
+    p = add("grpo", cmd_grpo, "GRPO against the reward model or the oracle (no value model)",
+            [(GRPOConfig, "grpo")])  # fmt: skip
+    p.add_argument("--sft", help=SFT_HELP)
+    p.add_argument("--rm", help=rm_help)
+    p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
+                   help="rm: the reward model; oracle: r* itself")  # fmt: skip
     p = add("preferred-ft", cmd_preferred_ft, "SFT on the chosen responses of the pairs",
             [(PreferredFTConfig, "preferred_ft")])  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)

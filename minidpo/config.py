@@ -63,9 +63,21 @@ class ModelConfig:
     block_size: int = _f(128, "context length in tokens (prompt + response + end-of-text)")
     dropout: float = _f(0.0, "dropout probability (0: the toy world needs none)")
     tie_head: bool = _f(
-        True, "one matrix embeds ids and scores the next token, as in GPT-2 (--no-tie-head: "
-        "the head starts as a copy and trains apart; README, SFT)"
+        True,
+        "one matrix embeds ids and scores the next token, as in GPT-2 (--no-tie-head: "
+        "the head starts as a copy and trains apart; README, SFT)",
     )
+
+    def validate(self, flag_prefix: str = "") -> None:
+        """The shape checks `GPTConfig` makes, as flags, before any stage writes a file."""
+        f = f"--{flag_prefix}"
+        if self.n_embd % self.n_head != 0:
+            raise MinidpoError(
+                f"{f}n-head: {self.n_head} does not divide {f}n-embd {self.n_embd} "
+                "(each head gets n_embd / n_head dimensions)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise MinidpoError(f"{f}dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -166,6 +178,9 @@ class EvalConfig:
 
 # Preferred-FT and Unlikelihood at the tiny preset: ten steps of eight pairs.
 _TINY_BASELINE = {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "ckpt_every": 5}
+# PPO and GRPO at the tiny preset: three iterations of short responses.
+_TINY_RL = {"iterations": 3, "max_new_tokens": 24, "eval_every": 3, "eval_samples_per_prompt": 1,
+            "ckpt_every": 1}  # fmt: skip
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -193,15 +208,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "max_new_tokens": 24,
             "report_samples_per_prompt": 2,
         },
-        "ppo": {
-            "iterations": 3,
-            "rollout_batch": 8,
-            "minibatch_size": 4,
-            "max_new_tokens": 24,
-            "eval_every": 3,
-            "eval_samples_per_prompt": 1,
-            "ckpt_every": 1,
-        },
+        "ppo": {**_TINY_RL, "rollout_batch": 8, "minibatch_size": 4},
+        "grpo": {**_TINY_RL, "prompts_per_iteration": 2, "group_size": 4, "minibatch_size": 4},
         "preferred_ft": _TINY_BASELINE,
         "unlikelihood": _TINY_BASELINE,
         "pipeline": {

@@ -319,9 +319,7 @@ def run_ppo(
                                  samples_per_prompt=cfg.eval_samples_per_prompt,
                                  max_new_tokens=cfg.max_new_tokens)  # fmt: skip
 
-    loop = LoopConfig(steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
-                      weight_decay=0.0, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                      ckpt_every=cfg.ckpt_every, snapshot_every=cfg.snapshot_every, desc="ppo")  # fmt: skip
+    loop = rl_loop(cfg, "ppo")
     extra = stage_state(kind="policy", stage="ppo", model_config=to_dict(policy.config),
                         tokenizer=tok.to_dict(), config=stage_config)  # fmt: skip
     carried = {
@@ -339,6 +337,14 @@ def run_ppo(
     if last["steps_done"] == cfg.iterations:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def rl_loop(cfg: Any, desc: str) -> LoopConfig:
+    """The loop settings of an RL trainer (PPO, GRPO): one step per iteration at a constant
+    learning rate, no warmup, no weight decay; its clip, evaluations and checkpoints."""
+    return LoopConfig(steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
+                      weight_decay=0.0, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
+                      ckpt_every=cfg.ckpt_every, snapshot_every=cfg.snapshot_every, desc=desc)  # fmt: skip
 
 
 def checked_prompts(

@@ -74,7 +74,7 @@ def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
                        if p["method"].startswith("Best-of-")]  # fmt: skip
         return points, f"sweep: mean ± se over {max(p['seeds'] for p in points)} seeds"
     results = load_results(folder)
-    return ([dict(p, seeds=1, sampling_se=p["reward_se"]) for p in results["frontier"]],
+    return ([dict(p, seeds=1, sampling_se=p.get("reward_se")) for p in results["frontier"]],
             "one seed; bars: sampling se")  # fmt: skip
 
 
@@ -320,16 +320,18 @@ SE_TARGET = 0.05  # a frontier point's standard error on the reward (the issue's
 def frontier_lines(folder: Path) -> list[str]:
     """`frontier_table` as markdown, then how many last snapshots meet `SE_TARGET`, by
     either standard error (see `frontier_points`)."""
-    L = ["| method | setting | oracle reward, last (± se over seeds) | sampling se | KL, last "
-         "| oracle reward, best snapshot |", "|---|---|---|---|---|---|"]  # fmt: skip
     rows = frontier_table(folder)
+    over = "se over seeds" if any(r["seeds"] > 1 for r in rows) else "sampling se"
+    L = [f"| method | setting | oracle reward, last (± {over}) | sampling se | KL, last "
+         "| oracle reward, best snapshot |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         L.append(f"| {r['method']} | {r['setting'] or '–'} | {r['reward']:+.3f} ± "
                  f"{r['reward_se']:.3f} | {r['sampling_se']:.3f} | {r['kl']:.2f} ± "
                  f"{r['kl_se'] or 0:.2f} | {r['best_reward']:+.3f} ± "
                  f"{r['best_reward_se']:.3f} |")  # fmt: skip
     sampling = [r for r in rows if r["sampling_se"] > SE_TARGET]
-    spread = [r for r in rows if r["seeds"] > 1 and r["reward_se"] > SE_TARGET]
+    seeded = [r for r in rows if r["seeds"] > 1]
+    spread = [r for r in seeded if r["reward_se"] > SE_TARGET]
 
     def names(rs: list[dict[str, Any]], se: str) -> str:
         return ", ".join(f"{r['method']} {r['setting']}".strip() + f" {r[se]:.3f}" for r in rs)
@@ -337,7 +339,8 @@ def frontier_lines(folder: Path) -> list[str]:
     n = len(rows)
     L += ["", f"Sampling se ≤ {SE_TARGET} for {n - len(sampling)} of {n} last snapshots"
           + (f" (above it: {names(sampling, 'sampling_se')})" if sampling else "")
-          + f"; the se over seeds ≤ {SE_TARGET} for {n - len(spread)} of {n}"
+          + (f"; the se over seeds ≤ {SE_TARGET} for {len(seeded) - len(spread)} of "
+             f"{len(seeded)}" if seeded else "")
           + (f" (above it: {names(spread, 'reward_se')})" if spread else "") + "."]  # fmt: skip
     return L
 

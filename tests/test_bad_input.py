@@ -65,6 +65,8 @@ MATRIX: list[tuple[str, str, str]] = [
     ("sweep list", "sweep --sweep-ppo-kl-targets 2,0", E + r".*--sweep-ppo-kl-targets"),
     ("sweep alphas", "sweep --sweep-unlikelihood-alphas -0.1", E + r".*--sweep-unlikelihood-alphas"),
     ("vocabulary too small", "tokenizer --vocab-size 300", E + r".*--vocab-size"),
+    ("heads do not divide width", "sft --n-head 5", E + r"--n-head: 5 does not divide --n-embd 32"),
+    ("dropout of 1", "sft --dropout 1", E + r"--dropout: must be in \[0, 1\)"),
     # run names that would leave the runs folder
     ("name escapes", "sft --name ../escape", E + r"--name: '../escape' is not a folder name"),
     ("absolute name", "sft --name /tmp/absolute", E + r"--name: '/tmp/absolute'"),
