@@ -51,6 +51,8 @@ from minidpo.evaluate import evaluate_policy, summarize
 from minidpo.gravity import compute, load_example, render
 from minidpo.grpo import GRPOConfig
 from minidpo.grpo import stage as grpo_stage
+from minidpo.online_dpo import OnlineDPOConfig
+from minidpo.online_dpo import stage as online_dpo_stage
 from minidpo.oracle import RULE_VALUES, reward_breakdown
 from minidpo.paths import RunPaths
 from minidpo.pipeline import (
@@ -322,7 +324,8 @@ def cmd_ppo(args: argparse.Namespace) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    """GRPO alone (not yet a pipeline stage): the run's SFT and, with --reward rm, its RM."""
+    """GRPO alone (with --reward rm, the pipeline's own GRPO stage): the run's SFT and,
+    with --reward rm, its reward model."""
     cfg = _checked(args, ["pipeline"])
     cfg["grpo"] = _cfg(GRPOConfig, "grpo", args)  # ranges checked in `resolve`
     cfg["grpo"].validate()
@@ -334,6 +337,21 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     s = run_stage(ctx, stage, {})["summary"]
     print(f"grpo: {_trained(stage, ctx)} (held-out oracle reward {s['eval_oracle']:+.3f} "
           f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)")  # fmt: skip
+    return 0
+
+
+def cmd_online_dpo(args: argparse.Namespace) -> int:
+    """Online DPO alone (the pipeline's stage): the run's SFT and offline pairs (their count
+    is the default labelling budget), its DPO settings."""
+    cfg = _checked(args, ["online_dpo", "dpo"])
+    run = _run(args)
+    ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
+                  force={"online_dpo"} if run.force else set())  # fmt: skip
+    stage = online_dpo_stage()
+    s = run_stage(ctx, stage, {})["summary"]
+    rewards = " -> ".join(f"{r:+.2f}" for r in s["samples_oracle"])
+    print(f"online-dpo: {_trained(stage, ctx)} ({s['pairs']} pairs labelled; on-policy oracle "
+          f"reward at the start of each round {rewards})")  # fmt: skip
     return 0
 
 
@@ -491,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rm", help=rm_help)
     p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
                    help="rm: the reward model; oracle: r* itself")  # fmt: skip
+    p = add("online-dpo", cmd_online_dpo, "online (iterative) DPO: rounds of on-policy pairs",
+            [(OnlineDPOConfig, "online_dpo"), (DPOConfig, "dpo")])  # fmt: skip
     p = add("preferred-ft", cmd_preferred_ft, "SFT on the chosen responses of the pairs",
             [(PreferredFTConfig, "preferred_ft")])  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,10 @@ def evaluate_snapshots(
         ).hexdigest()
         cache = snap.with_suffix(".eval.json")
         saved = json.loads(cache.read_text()) if cache.exists() else {}
-        if saved.get("key") == key:
+        if saved.get("key") == key and "eval_s" in saved:
             points.append(saved["point"])
             continue
+        t0 = time.perf_counter()
         ck = load_checkpoint(snap, kind="policy")
         model = build_policy(ck, snap)[0].to(ctx.device)
         result, _, _ = evaluate_policy(
@@ -92,7 +94,8 @@ def evaluate_snapshots(
         point = _point(result, method=method, setting=setting, seed=seed, step=int(ck["step"]),
                        elapsed_s=float(ck.get("elapsed_s", 0.0)),
                        win_rate=result.win_rate_vs_ref)  # fmt: skip
-        atomic_write_json(cache, {"key": key, "point": point})
+        # eval_s: the sweep's cost counts it (`eval_seconds`), the results never do
+        atomic_write_json(cache, {"key": key, "point": point, "eval_s": time.perf_counter() - t0})
         points.append(point)
     return points
 
@@ -203,6 +206,18 @@ def _frontier(ctx: Context, methods, ref, tok, sft_result, sft_rewards) -> list[
         frontier += evaluate_snapshots(ctx, folder, m.name, m.setting(ctx), ctx.run.seed, ref,
                                        small_rewards, tok)  # fmt: skip
     return frontier
+
+
+def eval_seconds(folders: Sequence[Path]) -> float:
+    """Seconds the evaluation of every snapshot in `folders` took, from its cache (each
+    measured when it was evaluated)."""
+    total = 0.0
+    for folder in folders:
+        for snap in snapshots(folder):
+            cache = snap.with_suffix(".eval.json")
+            if cache.exists():
+                total += float(json.loads(cache.read_text()).get("eval_s", 0.0))
+    return total
 
 
 def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, Path, int]]) -> list[dict]:

@@ -220,7 +220,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "sweep_dpo_betas": "0.1,0.5",
             "sweep_ppo_kl_targets": "1",
             "sweep_unlikelihood_alphas": "0.5",
+            "sweep_grpo_betas": "0.04",
+            "sweep_online_dpo_betas": "0.1",
+            "weak_reference_steps": 5,
         },
+        "online_dpo": {"rounds": 2, "responses_per_prompt": 2, "max_new_tokens": 48},
     },
     "cpu": {},
     "gpu": {

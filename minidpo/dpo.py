@@ -163,23 +163,28 @@ def run_dpo(
     train_pairs: Path,
     eval_pairs: Path | None,
     cache_dir: Path,
+    ref_path: Path | None = None,
 ) -> dict[str, Any]:
     """Train a DPO policy from the SFT checkpoint on the pairs; returns the final metrics.
     Both pair files are read and checked before anything is written; the reference
-    log-probs are cached in `cache_dir` (the run's prefs folder)."""
+    log-probs are cached in `cache_dir` (the run's prefs folder). `ref_path`: a reference
+    other than the starting policy (online DPO's rounds, the reference's role); default
+    `sft_path`, the paper's pi_ref = pi_SFT."""
     check_loss_args(cfg.beta, cfg.loss, cfg.label_smoothing, nll_alpha=cfg.nll_alpha,
                     dpop_lambda=cfg.dpop_lambda)  # fmt: skip
-    stage_config = provenance("dpo", cfg, job.seed, sft=sft_path, pairs=train_pairs)
+    other_ref = {} if ref_path in (None, sft_path) else {"ref": ref_path}
+    stage_config = provenance("dpo", cfg, job.seed, sft=sft_path, pairs=train_pairs, **other_ref)
     seed, device, out_dir = job.seed, torch.device(job.device), job.out_dir
     policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
     train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
     if eval_pairs is not None:
         eval_data = tokenize_pairs(load_pairs(eval_pairs)[0], tok, block, str(eval_pairs))
-    ref_c, ref_r = reference_logps(train_pairs, sft_path, train_data, tok.eot_id, device, cache_dir)
+    ref_path = sft_path if ref_path is None else ref_path
+    ref_c, ref_r = reference_logps(train_pairs, ref_path, train_data, tok.eot_id, device, cache_dir)
     train_lengths = chosen_lengths(train_data)
     if eval_pairs is not None:
-        eval_ref = reference_logps(eval_pairs, sft_path, eval_data, tok.eot_id, device, cache_dir)
+        eval_ref = reference_logps(eval_pairs, ref_path, eval_data, tok.eot_id, device, cache_dir)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
         rng = stream(seed, "dpo/batch", step)

@@ -53,12 +53,13 @@ from minidpo.reward_model import load_reward_model
 from minidpo.sampling import encode_prompt, sample_responses
 from minidpo.scoring import ScoreFn, oracle_scores
 from minidpo.seeds import seed_of, stream
-from minidpo.stage import Context, Stage
+from minidpo.shaping import shaped_score_fn
+from minidpo.stage import Context, Method, Stage, method_config
 from minidpo.tokenizer import Tokenizer
 from minidpo.training import Job, check_finite, read_metrics, run_loop
 from minidpo.world import load_world
 
-REWARDS = ("rm", "oracle")
+REWARDS = ("rm", "oracle", "shaped")
 
 
 @dataclass
@@ -269,30 +270,49 @@ def stage(
     name: str = "grpo",
     *,
     reward: str = "rm",
+    beta: float | None = None,
     seed: int | None = None,
     folder: Callable[[Context], Path] | None = None,
 ) -> Stage:
-    """The GRPO stage against the reward model (``reward="rm"``) or the oracle; its run
-    folder is ``grpo-<reward>-beta<beta>`` unless `folder` says otherwise."""
+    """The GRPO stage against the reward model (``reward="rm"``), the oracle or the shaped
+    oracle (``"shaped"``, `minidpo.shaping`); `beta` overrides the KL weight (the sweep's
+    setting). Its run folder is ``grpo-<reward>-beta<beta>`` unless `folder` says otherwise;
+    about four snapshots per run (the frontier's points) unless ``--snapshot-every``."""
     if reward not in REWARDS:
         raise MinidpoError(f"--reward: one of {', '.join(REWARDS)}, got {reward!r}")
 
+    def config(ctx: Context) -> GRPOConfig:
+        return method_config(ctx, "grpo", None if beta is None else {"beta": beta}, "iterations")
+
     def out(ctx: Context) -> Path:
-        return folder(ctx) if folder else ctx.folder / f"grpo-{reward}-beta{ctx.cfg['grpo'].beta:g}"
+        return folder(ctx) if folder else ctx.folder / f"grpo-{reward}-beta{config(ctx).beta:g}"
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         score_fn: ScoreFn = oracle_scores
         if reward == "rm":
             score_fn = load_reward_model(ctx.paths.rm, ctx.device).score
+        elif reward == "shaped":
+            score_fn = shaped_score_fn(ctx.cfg["shaping"])
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
-        s = run_grpo(ctx.cfg["grpo"], job, sft_path=ctx.paths.sft, score_fn=score_fn)
+        s = run_grpo(config(ctx), job, sft_path=ctx.paths.sft, score_fn=score_fn)
         keep = ("eval_oracle_start", "eval_oracle", "eval_kl", "tokens_forward",
                 "tokens_backward", "tokens_sampled", "wall_s")  # fmt: skip
         return {k: s.get(k) for k in keep}
 
-    return Stage(name, fn, ("grpo",), ("rm",) if reward == "rm" else ("sft",),
+    groups = ("grpo", "shaping") if reward == "shaped" else ("grpo",)
+    return Stage(name, fn, groups, ("rm",) if reward == "rm" else ("sft",),
                  inputs=lambda c: [c.paths.sft, *([c.paths.rm] if reward == "rm" else [])],
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
-                 extra_key=lambda c: [reward, seed],
-                 check=lambda c: c.cfg["grpo"].validate())  # fmt: skip
+                 extra_key=lambda c: [reward, seed, beta],
+                 check=lambda c: config(c).validate())  # fmt: skip
+
+
+# GRPO against the reward model: the card's "middle ground", on the frontier beside PPO
+# (same reward model, same rollouts per iteration), swept over its KL weight beta.
+METHOD = Method(
+    "GRPO", stage("grpo"), key="beta", value=lambda c: c.cfg["grpo"].beta, cost_with=("rm",),
+    sweep=lambda c: c.cfg["pipeline"].floats("sweep_grpo_betas"),
+    variant=lambda name, b, seed, folder: stage(name, beta=b, seed=seed, folder=folder),
+    folder="grpo-rm-beta",
+)  # fmt: skip

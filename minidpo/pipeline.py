@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from minidpo import dpo, ppo, unlikelihood
+from minidpo import dpo, grpo, limits, online_dpo, ppo, unlikelihood
 from minidpo.atomic import atomic_write_json
 from minidpo.baselines import BEST_OF_N_STAGE, PREFERRED_FT_METHOD, PreferredFTConfig
 from minidpo.claims import REPORT_STAGE, write_full_report
-from minidpo.comparison import eval_stage, evaluate_sweep
+from minidpo.comparison import eval_seconds, eval_stage, evaluate_sweep
 from minidpo.config import (
     DPOConfig,
     EvalConfig,
@@ -38,13 +38,15 @@ from minidpo.config import (
     _f,
     to_dict,
 )
-from minidpo.cost import measure
 from minidpo.errors import MinidpoError
+from minidpo.grpo import GRPOConfig
+from minidpo.online_dpo import OnlineDPOConfig
 from minidpo.ppo import PPOConfig
 from minidpo.preferences import PREFS_STAGE
 from minidpo.report import PLOTS_STAGE, make_plots
 from minidpo.reward_model import RM_STAGE, RewardModelConfig
 from minidpo.sft import SFT_STAGE
+from minidpo.shaping import ShapingConfig
 from minidpo.stage import Context, Method, Stage, read_stamp, run_stage
 from minidpo.tokenizer_stage import TOKENIZER_STAGE
 from minidpo.unlikelihood import UnlikelihoodConfig
@@ -79,6 +81,11 @@ class PipelineConfig:
     sweep_unlikelihood_alphas: str = _f(
         "0.05,0.1,0.5,1", "sweep: Unlikelihood alphas, comma-separated (the paper's)"
     )
+    sweep_grpo_betas: str = _f("0.01,0.1", "sweep: GRPO KL weights beta, comma-separated")
+    sweep_online_dpo_betas: str = _f("0.1,1", "sweep: online DPO betas, comma-separated")
+    weak_reference_steps: int = _f(
+        500, "sweep, the reference's role: the early SFT checkpoint's step (of SFT's steps)"
+    )
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value (its flags are never
@@ -92,8 +99,13 @@ class PipelineConfig:
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0 and finite")
         if not self.ppo_gt_kl_coef > 0:
             raise MinidpoError(f"--ppo-gt-kl-coef: must be > 0, got {self.ppo_gt_kl_coef}")
-        for name in ("sweep_dpo_betas", "sweep_ppo_kl_targets", "sweep_unlikelihood_alphas"):
+        for name in ("sweep_dpo_betas", "sweep_ppo_kl_targets", "sweep_unlikelihood_alphas",
+                     "sweep_grpo_betas", "sweep_online_dpo_betas"):  # fmt: skip
             self.floats(name)
+        if self.weak_reference_steps < 1:
+            raise MinidpoError(
+                f"--weak-reference-steps: must be >= 1, got {self.weak_reference_steps}"
+            )
         if any(a > 1 for a in self.floats("sweep_unlikelihood_alphas")):
             raise MinidpoError("--sweep-unlikelihood-alphas: each alpha must be in (0, 1]")
 
@@ -120,6 +132,9 @@ GROUPS: dict[str, type] = {
     "dpo": DPOConfig,
     "rm": RewardModelConfig,
     "ppo": PPOConfig,
+    "grpo": GRPOConfig,
+    "online_dpo": OnlineDPOConfig,
+    "shaping": ShapingConfig,
     "preferred_ft": PreferredFTConfig,
     "unlikelihood": UnlikelihoodConfig,
     "eval": EvalConfig,
@@ -133,8 +148,10 @@ METHODS: list[Method] = [
     dpo.METHOD,
     dpo.NLL_METHOD,
     dpo.DPOP_METHOD,
+    online_dpo.METHOD,
     ppo.RLHF_METHOD,
     ppo.GT_METHOD,
+    grpo.METHOD,
     PREFERRED_FT_METHOD,
     unlikelihood.METHOD,
 ]
@@ -214,20 +231,34 @@ def sweep_runs(ctx: Context) -> list[tuple[Method, float, int]]:
 
 def run_sweep(ctx: Context) -> dict[str, Any]:
     """The frontier sweep: shared SFT, pairs and reward model, then every (method,
-    setting, seed) run with snapshots, every snapshot evaluated, the frontier plotted."""
+    setting, seed) run with snapshots, every snapshot evaluated, the frontier plotted;
+    then the limits experiments of each seed (`minidpo.limits`).
+
+    ``sweep/timing.json`` holds the cost of the sweep from scratch, from measured parts:
+    every stage's wall time from its stamp (measured when it ran) and every evaluation's
+    from its cache, so a rerun that skips everything reports the same total."""
     t0 = time.perf_counter()
     stamps = run_stages(ctx, ["ref_logps", "rm"])  # what the sweep's runs share
     runs = sweep_runs(ctx)
     for method, value, seed in runs:
         run_stage(ctx, method.sweep_stage(ctx, value, seed), stamps)
+    seeds = sorted({seed for _, _, seed in runs})
+    for seed in seeds:
+        for stage in limits.limit_stages(ctx, seed):
+            run_stage(ctx, stage, stamps)
     ctx.log("[sweep] evaluating every snapshot")
-    with measure(ctx.device) as cost:
-        points = evaluate_sweep(ctx, [(m.name, m.sweep_label(v), m.sweep_dir(ctx, v, s), s)
-                                      for m, v, s in runs])  # fmt: skip
+    points = evaluate_sweep(ctx, [(m.name, m.sweep_label(v), m.sweep_dir(ctx, v, s), s)
+                                  for m, v, s in runs])  # fmt: skip
+    table = limits.evaluate_limits(ctx, seeds)
+    t1 = time.perf_counter()
     make_plots(ctx.folder)
     write_full_report(ctx.folder)
     wall = {n: s["cost"]["wall_s"] for n, s in stamps.items()}
-    wall["sweep_eval"] = cost.wall_s
-    total = time.perf_counter() - t0
-    atomic_write_json(ctx.folder / "sweep" / "timing.json", {"wall_s": total, "stages": wall})
-    return {"points": len(points), "wall_s": total}
+    wall["sweep_eval"] = (
+        eval_seconds([m.sweep_dir(ctx, v, s) for m, v, s in runs]) + table["eval_s"]
+    )
+    wall["plots_report"] = time.perf_counter() - t1
+    atomic_write_json(ctx.folder / "sweep" / "timing.json",
+                      {"wall_s": sum(wall.values()), "stages": wall,
+                       "this_call_s": time.perf_counter() - t0})  # fmt: skip
+    return {"points": len(points), "wall_s": sum(wall.values())}

@@ -82,6 +82,7 @@ from minidpo.reward_model import load_reward_model
 from minidpo.sampling import Sample, encode_prompt, load_prompts, sample_responses
 from minidpo.scoring import ScoreFn, oracle_scores
 from minidpo.seeds import seed_of, stream
+from minidpo.shaping import shaped_score_fn
 from minidpo.stage import Context, Method, Stage, method_config
 from minidpo.tokenizer import Tokenizer
 from minidpo.training import Carried, Job, LoopConfig, check_finite, read_metrics, run_loop
@@ -569,16 +570,19 @@ def stage(
     seed: int | None = None,
     folder: Callable[[Context], Path] | None = None,
 ) -> Stage:
-    """The PPO stage against the reward model (``reward="rm"``, RLHF) or the oracle
+    """The PPO stage against the reward model (``reward="rm"``, RLHF), the oracle
     (``"oracle"``, PPO-GT, which takes no missing-end-of-text penalty: r* charges its
-    own); `kl_coef`, `kl_target` (the adaptive controller steering towards it, as the
-    paper's PPO runs did), `seed` and `folder` make PPO-GT's and the sweep's runs."""
+    own) or the shaped oracle (``"shaped"``, `minidpo.shaping`); `kl_coef`, `kl_target`
+    (the adaptive controller steering towards it, as the paper's PPO runs did), `seed`
+    and `folder` make PPO-GT's, the sweep's and the limits' runs."""
+    if reward not in ("rm", "oracle", "shaped"):
+        raise MinidpoError(f"--reward: one of rm, oracle, shaped; got {reward!r}")
 
     def config(ctx: Context) -> PPOConfig:
         over = {} if kl_coef is None else {"kl_coef": kl_coef(ctx)}
         if kl_target is not None:
             over.update(adaptive_kl=True, kl_target=kl_target)
-        if reward == "oracle":
+        if reward != "rm":
             over["missing_eot_penalty"] = 0.0
         return method_config(ctx, "ppo", over, "iterations")
 
@@ -605,6 +609,8 @@ def stage(
         if reward == "rm":
             rm = load_reward_model(ctx.paths.rm, ctx.device)
             score_fn, value_init = rm.score, rm.model.state_dict()
+        elif reward == "shaped":
+            score_fn = shaped_score_fn(ctx.cfg["shaping"])
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_ppo(cfg, job, sft_path=ctx.paths.sft, score_fn=score_fn, value_init=value_init,
@@ -614,7 +620,8 @@ def stage(
                 "wall_s")  # fmt: skip
         return {k: s.get(k) for k in keep}
 
-    return Stage(name, fn, ("ppo",), ("rm",) if reward == "rm" else ("sft",), inputs=inputs,
+    groups = ("ppo", "shaping") if reward == "shaped" else ("ppo",)
+    return Stage(name, fn, groups, ("rm",) if reward == "rm" else ("sft",), inputs=inputs,
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
                  extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed,
                                       *([] if kl_target is None else [kl_target])],

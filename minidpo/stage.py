@@ -274,7 +274,6 @@ class Method:
         """One run of the sweep as a stage (its stamp: ``sweep-<method>-<setting>-seed<s>``)."""
         if self.variant is None:
             raise MinidpoError(f"{self.name} has no sweep variant")
-        name = f"sweep-{self.name}-{self.sweep_label(value) or 'default'}-seed{seed}".replace(
-            "=", ""
-        )
+        label = self.sweep_label(value) or "default"
+        name = f"sweep-{self.name}-{label}-seed{seed}".replace("=", "").replace(" ", "-")
         return self.variant(name, value, seed, lambda c: self.sweep_dir(c, value, seed))
