@@ -21,7 +21,9 @@ The rows (the card's words in quotes):
 * "~50 lines of core code": counted.
 * The worked example's loss: 0.5501, and why the card prints 0.549.
 * DPO's cost to reach PPO's best reward (the wall-time ratio).
-* Reserved rows for the card's limitations and GRPO: "not measured yet".
+* "Offline only": online DPO against offline DPO at the same labelled-pair budget.
+* "Depends on the reference model" and "no reward shaping": `minidpo.limits`'s table.
+* "GRPO: a middle ground": its core's lines and its best reward against PPO's.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from minidpo import dpo, losses, ppo, ppo_math, reward_model
+from minidpo import dpo, grpo, grpo_math, losses, ppo, ppo_math, reward_model
 from minidpo.exact import beta_sweep, make_problem
 from minidpo.gravity import compute, load_example
 from minidpo.report import (
@@ -58,6 +60,11 @@ HOLDS, PARTLY, NOT_HERE, NOT_YET = "holds", "partly", "does not hold here", "not
 DPO_CORE: tuple[Callable, ...] = (
     losses.preference_loss, dpo.preference_metrics, dpo.compute_logps, dpo.reference_logps,
     dpo.run_dpo,
+)  # fmt: skip
+GRPO_CORE: tuple[Callable, ...] = (
+    grpo_math.group_advantages, grpo_math.k3_kl, grpo_math.grpo_loss, grpo.grpo_iteration,
+    grpo._update, grpo.run_grpo, losses.bradley_terry_loss, reward_model.pair_rewards,
+    reward_model.train_reward_model, reward_model.normalise,
 )  # fmt: skip
 RLHF_CORE: tuple[Callable, ...] = (
     losses.bradley_terry_loss, reward_model.pair_rewards, reward_model.train_reward_model,
@@ -319,8 +326,115 @@ def cost_to_reach_row(folder: Path) -> dict[str, str]:
                 "holds if the ratio is at least 5")  # fmt: skip
 
 
-RESERVED = ("Offline only (limitation 1)", "Depends on the reference model (limitation 2)",
-            "No reward shaping (limitation 3)", "GRPO: a middle ground between PPO and DPO")  # fmt: skip
+def _final_by_setting(folder: Path, method: str) -> dict[str, tuple[float, float]]:
+    """setting -> (mean, se over seeds) of `method`'s last-snapshot oracle reward."""
+    out = {}
+    for setting, xs in last_snapshots(_raw_points(folder), method, "reward").items():
+        se = float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
+        out[setting] = (float(np.mean(xs)), se)
+    return out
+
+
+def _diff(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] - b[0], float(np.hypot(a[1], b[1]))
+
+
+def online_row(folder: Path) -> dict[str, str]:
+    """Limitation 1, "offline only": online DPO against offline DPO at the same beta and the
+    same number of labelled pairs."""
+    claim = "Offline only (limitation 1)"
+    on, off = _final_by_setting(folder, "Online DPO"), _final_by_setting(folder, "DPO")
+    common = sorted(set(on) & set(off), key=lambda s: float(s.split("=")[1]))
+    if not common:
+        return _row(claim, "online − offline DPO", "–", NOT_YET, "")
+    gaps = [(s, *_diff(on[s], off[s])) for s in common]
+    above = sum(d > 2 * se for _, d, se in gaps)
+    number = ", ".join(f"{s}: online {on[s][0]:+.3f}, offline {off[s][0]:+.3f} "
+                       f"({d:+.3f} ± {se:.3f})" for s, d, se in gaps)  # fmt: skip
+    verdict = HOLDS if above == len(gaps) else PARTLY if above else NOT_HERE
+    return _row(claim, "final oracle reward of online DPO (R rounds of on-policy pairs, "
+                "reference SFT) against offline DPO, the same beta and labelled-pair budget "
+                "(mean over seeds ± se of the difference)", number, verdict,
+                "holds (on-policy data helps) if online DPO is above by more than 2 se at "
+                "every beta; partly at some")  # fmt: skip
+
+
+def _limits(folder: Path) -> dict[str, dict[str, Any]] | None:
+    path = folder / "sweep" / "limits.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else None
+
+
+def _gap(rows: dict[str, dict[str, Any]], a: str, b: str, key: str) -> tuple[float, float]:
+    """Mean over seeds of a - b in `key`, and the se of the seed-paired differences."""
+    xs = np.array([x[key] - y[key] for x, y in zip(rows[a]["seeds"], rows[b]["seeds"],
+                                                     strict=True)])  # fmt: skip
+    se = float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
+    return float(xs.mean()), se
+
+
+def reference_row(folder: Path) -> dict[str, str]:
+    """Limitation 2, "depends on the reference": DPO from a weak (early SFT) reference."""
+    claim = "Depends on the reference model (limitation 2)"
+    rows = _limits(folder)
+    if rows is None:
+        return _row(claim, "DPO from a weak reference", "–", NOT_YET, "")
+    start = _gap(rows, "DPO, weak start", "DPO", "oracle")
+    ref = _gap(rows, "DPO, weak reference", "DPO", "oracle")
+    early = rows["early SFT (weak reference)"]["oracle"]
+    number = (f"early SFT {early:+.3f}, SFT {rows['SFT']['oracle']:+.3f}; DPO from SFT "
+              f"{rows['DPO']['oracle']:+.3f}; weak start {start[0]:+.3f} ± {start[1]:.3f}, "
+              f"weak reference {ref[0]:+.3f} ± {ref[1]:.3f} (against DPO from SFT)")  # fmt: skip
+    verdict = HOLDS if start[0] < -2 * start[1] else NOT_HERE
+    return _row(claim, "final oracle reward of DPO (same pairs, beta, steps) with the early "
+                "SFT checkpoint as policy and reference (weak start), or as reference only "
+                "(weak reference), against DPO from the final SFT", number, verdict,
+                "holds if DPO from the weak start ends more than 2 se below DPO from SFT")  # fmt: skip
+
+
+def shaping_row(folder: Path) -> dict[str, str]:
+    """Limitation 3, "no reward shaping": what each method gains on r_shaped from it."""
+    claim = "No reward shaping (limitation 3)"
+    rows = _limits(folder)
+    if rows is None:
+        return _row(claim, "gain on r_shaped", "–", NOT_YET, "")
+    pairs = {"PPO": ("PPO on r_shaped", "PPO-GT"), "GRPO": ("GRPO on r_shaped", "GRPO on r*"),
+             "DPO (relabelled pairs)": ("DPO, relabelled by r_shaped", "DPO")}  # fmt: skip
+    gains = {m: _gap(rows, a, b, "shaped") for m, (a, b) in pairs.items()}
+    costs = {m: _gap(rows, a, b, "oracle") for m, (a, b) in pairs.items()}
+    number = "; ".join(f"{m}: r_shaped {g[0]:+.3f} ± {g[1]:.3f}, r* {costs[m][0]:+.3f} ± "
+                       f"{costs[m][1]:.3f}" for m, g in gains.items())  # fmt: skip
+    d = gains["DPO (relabelled pairs)"]
+    behind = [_diff(gains[m], d) for m in ("PPO", "GRPO")]
+    verdict = (HOLDS if all(x > 2 * se for x, se in behind) else
+               PARTLY if any(x > 2 * se for x, se in behind) else NOT_HERE)  # fmt: skip
+    return _row(claim, "gain on r_shaped (and change on r*) of each method trained with the "
+                "shaping term over the same method without it (seed-paired mean ± se)", number,
+                verdict, "holds if DPO's gain through relabelled pairs is below both PPO's and "
+                "GRPO's direct gains by more than 2 se; partly if below one")  # fmt: skip
+
+
+def grpo_row(folder: Path) -> dict[str, str]:
+    """ "GRPO: a middle ground between PPO's flexibility and DPO's simplicity"."""
+    claim = "GRPO: a middle ground between PPO and DPO"
+    g, p = _final_by_setting(folder, "GRPO"), _final_by_setting(folder, "PPO")
+    if not g or not p:
+        return _row(claim, "GRPO's core and reward", "–", NOT_YET, "")
+    d_loc, g_loc, r_loc = code_lines(DPO_CORE), code_lines(GRPO_CORE), code_lines(RLHF_CORE)
+    best_g = max(g.items(), key=lambda kv: kv[1][0])
+    best_p = max(p.items(), key=lambda kv: kv[1][0])
+    d, se = _diff(best_g[1], best_p[1])
+    cost = {r["method"]: r for r in cost_table(folder)}
+    wall = ", ".join(f"{m} {cost[m]['wall_s']:.0f} s" for m in ("DPO", "GRPO", "PPO") if m in cost)
+    number = (f"core lines DPO {d_loc}, GRPO {g_loc} (+ the reward model's), RLHF {r_loc}; best "
+              f"final reward GRPO {best_g[1][0]:+.3f} ({best_g[0]}), PPO {best_p[1][0]:+.3f} "
+              f"({best_p[0]}): {d:+.3f} ± {se:.3f}; {wall}")  # fmt: skip
+    between = d_loc < g_loc < r_loc
+    verdict = HOLDS if between and d >= -2 * se else PARTLY if between or d >= -2 * se else NOT_HERE
+    return _row(claim, "lines of code of the core (GRPO: its loss and trainer, plus the reward "
+                "model it trains against), and the best final oracle reward over the sweep's "
+                "settings against PPO's", number, verdict,
+                "holds if its core is between DPO's and RLHF's and its best reward is not "
+                "below PPO's by more than 2 se; partly if only one")  # fmt: skip
 
 
 def ledger(folder: str | Path) -> list[dict[str, str]]:
@@ -330,7 +444,7 @@ def ledger(folder: str | Path) -> list[dict[str, str]]:
     rows += [sampling_row(folder), frontier_row(folder), beta_row(folder),
              displacement_row(folder), hacking_row(folder), lines_row(), worked_example_row(),
              cost_to_reach_row(folder)]  # fmt: skip
-    rows += [_row(c, "–", "–", NOT_YET, "the next round measures it") for c in RESERVED]
+    rows += [online_row(folder), reference_row(folder), shaping_row(folder), grpo_row(folder)]
     return rows
 
 

@@ -76,7 +76,7 @@ def test_every_stage_ran_and_wrote_its_outputs(done):
         assert needle in report, needle
     methods = set(finals(f))
     assert {"SFT", "DPO", "DPO+NLL", "DPOP", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood",
-            "Best-of-4"} == methods  # fmt: skip
+            "Online DPO", "GRPO", "Best-of-4"} == methods  # fmt: skip
     rows = ledger(f)
     assert len(rows) >= 16 and {r["verdict"] for r in rows} <= set(VERDICTS)
     assert all(r["threshold"] for r in rows if r["verdict"] != NOT_YET)
@@ -315,3 +315,40 @@ def test_displacement_table_averages_the_last_held_out_evaluation(tmp_path):
     assert row["chosen_change"] == pytest.approx(-7.0 - (-7.0))  # the last rows only
     assert row["rejected_change"] == pytest.approx(-12.0 - (-10.0))
     assert (row["chosen_rose"], row["rejected_rose"]) == pytest.approx((0.5, 0.0))
+
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_every_method_and_the_limits_and_keeps_its_timing(tmp_path):
+    """The whole sweep at the tiny preset: every method's runs, the limits experiments of
+    each seed, their table, the ledger's four rows measured; a rerun skips every stage and
+    reports the same cost (the timing comes from the stamps and the evaluation caches)."""
+    args = ["sweep", "--preset", "tiny", "--runs-dir", str(tmp_path), "--name", "s"]
+    assert main(args) == 0
+    folder = tmp_path / "s"
+    limits = json.loads((folder / "sweep" / "limits.json").read_text())
+    assert limits["seeds"] == [0, 1]
+    want = {"SFT", "early SFT (weak reference)", "DPO", "DPO, weak start", "DPO, weak reference",
+            "DPO, relabelled by r_shaped", "PPO-GT", "PPO on r_shaped", "GRPO on r*",
+            "GRPO on r_shaped"}  # fmt: skip
+    assert set(limits["rows"]) == want
+    for row in limits["rows"].values():
+        assert (
+            len(row["seeds"]) == 2
+            and math.isfinite(row["oracle"])
+            and row["shaped"] <= (row["oracle"] + 1e-12)
+        )  # the shaping term is a penalty
+    methods = {
+        p["method"] for p in json.loads((folder / "sweep" / "points.json").read_text())["points"]
+    }
+    assert {"Online DPO", "GRPO"} <= methods
+    rows = {r["claim"]: r for r in ledger(folder)}
+    for claim in ("Offline only (limitation 1)", "Depends on the reference model (limitation 2)",
+                  "No reward shaping (limitation 3)", "GRPO: a middle ground between PPO and DPO"):  # fmt: skip
+        assert rows[claim]["verdict"] in (HOLDS, PARTLY, NOT_HERE), rows[claim]
+    timing = json.loads((folder / "sweep" / "timing.json").read_text())
+    assert timing["wall_s"] == pytest.approx(sum(timing["stages"].values()))
+    assert main([*args, "--force", "report"]) == 0
+    again = json.loads((folder / "sweep" / "timing.json").read_text())
+    stages = {k: v for k, v in again["stages"].items() if k not in ("report", "plots_report")}
+    assert stages == {k: v for k, v in timing["stages"].items() if k in stages}
+    assert again["stages"]["sweep_eval"] == timing["stages"]["sweep_eval"]
