@@ -458,9 +458,34 @@ def ledger_lines(folder: str | Path) -> list[str]:
     return [*L, ""]
 
 
+def limits_lines(folder: str | Path) -> list[str]:
+    """The limits experiments' table (``sweep/limits.json``) as a markdown section; empty
+    when the run has no sweep."""
+    path = Path(folder) / "sweep" / "limits.json"
+    if not path.exists():
+        return []
+    limits = json.loads(path.read_text())
+    sh, n = limits["shaping"], len(limits["seeds"])
+    L = ["## The reference's role and reward shaping (limitations 2 and 3)", "",
+         f"Final policies, {limits['samples_per_prompt']} samples per held-out prompt and seed, "
+         f"mean ± se over {n} seeds. Early SFT: the run's SFT stopped at "
+         f"{limits['weak_reference_steps']} of its {limits['sft_steps']} steps. r_shaped = r* − "
+         f"{sh['weight']:g} per sentence beyond {sh['free_sentences']}.", "",
+         "| policy | oracle reward r* | r_shaped | KL to SFT | sentences | unparseable |",
+         "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def pm(r: dict[str, Any], k: str) -> str:  # one seed has no se
+        return f"{r[k]:+.3f}" + ("" if r[f"{k}_se"] is None else f" ± {r[f'{k}_se']:.3f}")
+
+    for name, r in limits["rows"].items():
+        L.append(f"| {name} | {pm(r, 'oracle')} | {pm(r, 'shaped')} | {r['kl']:.2f} | "
+                 f"{r['sentences']:.2f} | {r['unparseable']:.1%} |")  # fmt: skip
+    return [*L, ""]
+
+
 def write_full_report(folder: str | Path) -> Path:
-    """``report.md`` with the claims ledger after the conclusion."""
-    return write_report(folder, ledger_lines(folder))
+    """``report.md`` with the claims ledger and the limits table after the conclusion."""
+    return write_report(folder, ledger_lines(folder) + limits_lines(folder))
 
 
 def _report(ctx: Context, resume: bool) -> dict[str, Any]:

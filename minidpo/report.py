@@ -28,13 +28,16 @@ from minidpo.plots import figure, save_png
 from minidpo.stage import Context, Stage
 from minidpo.training import read_metrics
 
-METHOD_ORDER = ["SFT", "DPO", "DPO+NLL", "DPOP", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood"]
-COLORS = {"SFT": "black", "DPO": "C0", "DPO+NLL": "C9", "DPOP": "C7", "PPO": "C3",
-          "PPO-GT": "C2", "Preferred-FT": "C4", "Unlikelihood": "C5"}  # fmt: skip
+METHOD_ORDER = ["SFT", "DPO", "DPO+NLL", "DPOP", "Online DPO", "PPO", "PPO-GT", "GRPO",
+                "Preferred-FT", "Unlikelihood"]  # fmt: skip
+COLORS = {"SFT": "black", "DPO": "C0", "DPO+NLL": "C9", "DPOP": "C7", "Online DPO": "navy",
+          "PPO": "C3", "PPO-GT": "C2", "GRPO": "C6", "Preferred-FT": "C4",
+          "Unlikelihood": "C5"}  # fmt: skip
 
 
 def _color(method: str) -> str:
-    return COLORS.get(method, "C1")  # Best-of-N
+    """One colour per method on every plot (Best-of-N: the rest)."""
+    return COLORS.get(method, "C1")
 
 
 def load_results(folder: Path) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from minidpo.claims import HOLDS, NOT_HERE, NOT_YET, PARTLY, code_lines, ledger
 from minidpo.cli import _context, build_parser, main
 from minidpo.comparison import outside_pairs_share
 from minidpo.errors import MinidpoError
-from minidpo.pipeline import STAGE_NAMES, run_pipeline
+from minidpo.pipeline import METHODS, STAGE_NAMES, run_pipeline
 from minidpo.report import (
+    _color,
     cost_table,
     displacement_table,
     frontier_lines,
@@ -337,6 +338,9 @@ def test_tiny_sweep_runs_every_method_and_the_limits_and_keeps_its_timing(tmp_pa
             and math.isfinite(row["oracle"])
             and row["shaped"] <= (row["oracle"] + 1e-12)
         )  # the shaping term is a penalty
+    report = (folder / "report.md").read_text()
+    section = report.split("## The reference's role and reward shaping")[1].split("\n## ")[0]
+    assert all(f"| {name} | " in section for name in want), section
     methods = {
         p["method"] for p in json.loads((folder / "sweep" / "points.json").read_text())["points"]
     }
@@ -352,3 +356,8 @@ def test_tiny_sweep_runs_every_method_and_the_limits_and_keeps_its_timing(tmp_pa
     stages = {k: v for k, v in again["stages"].items() if k not in ("report", "plots_report")}
     assert stages == {k: v for k, v in timing["stages"].items() if k in stages}
     assert again["stages"]["sweep_eval"] == timing["stages"]["sweep_eval"]
+
+
+def test_every_method_has_its_own_colour_on_the_plots():
+    names = ["SFT", *(m.name for m in METHODS), "Best-of-N"]
+    assert len({_color(n) for n in names}) == len(names)
