@@ -573,7 +573,11 @@ def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
     L += ["", f"Whole pipeline: {total:.0f} s, the sum of its stages' wall times when they ran "
           "(`stages/*.json`)."]  # fmt: skip
     if sweep_timing.exists():
-        L[-1] += f" The sweep: {json.loads(sweep_timing.read_text())['wall_s']:.0f} s more."
+        t = json.loads(sweep_timing.read_text())
+        shared = sum(v for k, v in t["stages"].items() if not k.startswith("sweep"))
+        L[-1] += (f" The sweep from scratch: {t['wall_s']:.0f} s, of which {shared:.0f} s are "
+                  f"the stages it shares with the pipeline (SFT to the reward model) and the "
+                  f"plots and report (`sweep/timing.json`).")  # fmt: skip
     L += ["", "## Training curves", "", "![dpo](plots/dpo_curves.png)", "",
           "![ppo](plots/ppo_curves.png)", "", "## Win rate and reward distributions", "",
           "![win](plots/win_rates.png)", "", "![dist](plots/reward_distributions.png)", ""]  # fmt: skip
