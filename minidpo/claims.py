@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from minidpo import dpo, grpo, grpo_math, losses, ppo, ppo_math, reward_model
+from minidpo.evaluate import mean_se
 from minidpo.exact import beta_sweep, make_problem
 from minidpo.gravity import compute, load_example
 from minidpo.report import (
@@ -328,11 +329,8 @@ def cost_to_reach_row(folder: Path) -> dict[str, str]:
 
 def _final_by_setting(folder: Path, method: str) -> dict[str, tuple[float, float]]:
     """setting -> (mean, se over seeds) of `method`'s last-snapshot oracle reward."""
-    out = {}
-    for setting, xs in last_snapshots(_raw_points(folder), method, "reward").items():
-        se = float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
-        out[setting] = (float(np.mean(xs)), se)
-    return out
+    points = last_snapshots(_raw_points(folder), method, "reward")
+    return {setting: mean_se(xs) for setting, xs in points.items()}
 
 
 def _diff(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
@@ -359,17 +357,21 @@ def online_row(folder: Path) -> dict[str, str]:
                 "every beta; partly at some")  # fmt: skip
 
 
+def _limits_file(folder: str | Path) -> dict[str, Any] | None:
+    """``sweep/limits.json`` (`minidpo.limits.evaluate_limits`), or None without a sweep."""
+    path = Path(folder) / "sweep" / "limits.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _limits(folder: Path) -> dict[str, dict[str, Any]] | None:
-    path = folder / "sweep" / "limits.json"
-    return json.loads(path.read_text())["rows"] if path.exists() else None
+    limits = _limits_file(folder)
+    return None if limits is None else limits["rows"]
 
 
 def _gap(rows: dict[str, dict[str, Any]], a: str, b: str, key: str) -> tuple[float, float]:
     """Mean over seeds of a - b in `key`, and the se of the seed-paired differences."""
-    xs = np.array([x[key] - y[key] for x, y in zip(rows[a]["seeds"], rows[b]["seeds"],
-                                                     strict=True)])  # fmt: skip
-    se = float(xs.std(ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0
-    return float(xs.mean()), se
+    return mean_se([x[key] - y[key] for x, y in zip(rows[a]["seeds"], rows[b]["seeds"],
+                                                    strict=True)])  # fmt: skip
 
 
 def reference_row(folder: Path) -> dict[str, str]:
@@ -461,10 +463,9 @@ def ledger_lines(folder: str | Path) -> list[str]:
 def limits_lines(folder: str | Path) -> list[str]:
     """The limits experiments' table (``sweep/limits.json``) as a markdown section; empty
     when the run has no sweep."""
-    path = Path(folder) / "sweep" / "limits.json"
-    if not path.exists():
+    limits = _limits_file(folder)
+    if limits is None:
         return []
-    limits = json.loads(path.read_text())
     sh, n = limits["shaping"], len(limits["seeds"])
     L = ["## The reference's role and reward shaping (limitations 2 and 3)", "",
          f"Final policies, {limits['samples_per_prompt']} samples per held-out prompt and seed, "

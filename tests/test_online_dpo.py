@@ -40,7 +40,7 @@ def offline(tiny_sft, tmp_path_factory):
     return out / "train.jsonl", out / "eval.jsonl"
 
 
-def _run(tiny_sft, offline, out, resume=False, stop=None, **over):
+def _run(tiny_sft, offline, out, resume=False, **over):
     cfg = OnlineDPOConfig(**{"rounds": 2, "responses_per_prompt": 3, "max_new_tokens": 48, **over})
     dpo_cfg = resolve(DPOConfig, "dpo", "tiny", None)
     return run_online_dpo(cfg, dpo_cfg, Job(out, 0, "cpu", resume, False), sft_path=tiny_sft,
@@ -65,7 +65,7 @@ def test_rounds_label_at_most_the_offline_budget_and_snapshot_each_round(
         tmp_path / "o" / "round0" / "checkpoint.pt"
     )
     assert ck1["stage_config"].get("ref_sha256") == file_sha256(tiny_sft)  # the reference stays SFT
-    # each round's pairs come from its own samples: none of round 1's is an offline pair
+    # each round's pairs come from its own samples: not all of round 1's are offline pairs
     offline_set = {(p.prompt, p.chosen, p.rejected) for p in load_pairs(offline[0], warn=False)[0]}
     r1 = load_pairs(tmp_path / "o" / "round1" / "pairs.jsonl", warn=False)[0]
     assert len(r1) == json.loads((tmp_path / "o" / "round1" / "pairs.json").read_text())["pairs"]

@@ -49,17 +49,17 @@ def test_relabel_flips_a_pair_the_term_reverses_and_drops_ties():
     cfg = ShapingConfig(weight=0.5, free_sentences=2)
     long = text(*TOPIC.facts[:2], *TOPIC.vague[:2])  # r* 2.5, 4 sentences: shaped 1.5
     short = text(*TOPIC.facts[:2])  # r* 2.0, shaped 2.0
-    tie_a = text(*TOPIC.facts[:3])  # shaped 2.5
-    tie_b = text(TOPIC.facts[0], TOPIC.facts[1], TOPIC.vague[0], TOPIC.vague[1], TOPIC.facts[2])
-    # tie_b: r* 3 + 0.5 = 3.5, 5 sentences: shaped 3.5 - 1.5 = 2.0; not a tie with tie_a
+    three = text(*TOPIC.facts[:3])  # shaped 2.5
+    long5 = text(TOPIC.facts[0], TOPIC.facts[1], TOPIC.vague[0], TOPIC.vague[1], TOPIC.facts[2])
+    # long5: r* 3 + 0.5 = 3.5, 5 sentences: shaped 3.5 - 1.5 = 2.0, a tie with short
     pairs = [PreferencePair(PROMPT.text, long, short, 2.5, 2.0),
-             PreferencePair(PROMPT.text, tie_a, short, 3.0, 2.0),
-             PreferencePair(PROMPT.text, tie_b, short, 3.5, 2.0)]  # fmt: skip
+             PreferencePair(PROMPT.text, three, short, 3.0, 2.0),
+             PreferencePair(PROMPT.text, long5, short, 3.5, 2.0)]  # fmt: skip
     out = relabel_pairs(pairs, cfg, tau=0.0, rng=np.random.default_rng(0))
-    assert len(out) == 2  # tie_b and short both score 2.0 shaped: dropped
+    assert len(out) == 2  # long5 and short tie on r_shaped: dropped
     assert (out[0].chosen, out[0].rejected) == (short, long)
     assert (out[0].score_chosen, out[0].score_rejected) == pytest.approx((2.0, 1.5))
-    assert (out[1].chosen, out[1].rejected) == (tie_a, short)
+    assert (out[1].chosen, out[1].rejected) == (three, short)
 
 
 def test_relabel_with_noise_follows_bradley_terry():
