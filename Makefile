@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+HF_STAMP := $(VENV)/.installed-hf
 
 .PHONY: demo test test-fast lint format lessons clean
 
@@ -13,16 +14,21 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The hf extra (transformers, TRL) for the export and parity tests; torch stays at its pin.
+$(HF_STAMP): $(STAMP) requirements-hf.txt
+	$(PY) -m pip install --quiet -r requirements-hf.txt -c requirements.txt
+	touch $(HF_STAMP)
+
 demo: $(STAMP)  ## set up, then run the default pipeline
 	$(VENV)/bin/minidpo demo
 
-test: $(STAMP) lint  ## set up, then run every test
+test: $(HF_STAMP) lint  ## set up, then run every test
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)  ## skip the slow tests
+test-fast: $(HF_STAMP)  ## skip the slow tests
 	$(PY) -m pytest -q -m "not slow"
 
-lessons: $(STAMP)  ## re-execute every lesson notebook in place (outputs kept)
+lessons: $(HF_STAMP)  ## re-execute every lesson notebook in place (outputs kept)
 	$(PY) scripts/lessons.py run
 
 lint: $(STAMP)

@@ -8,6 +8,7 @@
     minidpo dpo          DPO (or a member of its loss family) on the pairs
     minidpo eval         oracle reward, KL to the reference and win rate of a policy
     minidpo gravity      the seed card's "Explain gravity." worked example, number by number
+    minidpo export       a checkpoint as a transformers GPT-2 folder; pairs in TRL's text form
     minidpo rm           the Bradley-Terry reward model on the same pairs
     minidpo ppo          PPO against the reward model (--reward oracle: PPO-GT)
     minidpo preferred-ft SFT on the chosen responses only (a baseline of the paper)
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from minidpo import __version__
-from minidpo.atomic import atomic_write_json
+from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
     DPOConfig,
@@ -48,6 +49,7 @@ from minidpo.config import (
 )
 from minidpo.errors import MinidpoError
 from minidpo.evaluate import evaluate_policy, summarize
+from minidpo.export import TRL_VERSION, export_hf, trl_rows
 from minidpo.gravity import compute, load_example, render
 from minidpo.grpo import GRPOConfig
 from minidpo.grpo import stage as grpo_stage
@@ -67,6 +69,7 @@ from minidpo.pipeline import (
 )
 from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig
+from minidpo.preferences import load_pairs
 from minidpo.report import summary_text
 from minidpo.reward_model import RewardModelConfig, load_reward_model
 from minidpo.sampling import encode_prompt, sample_responses
@@ -389,6 +392,36 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`--hf DIR`: a policy or reward model as a transformers folder; `--trl-pairs OUT`:
+    pairs TRL's DPOTrainer tokenises to minidpo's ids. Every input is read and checked
+    before anything is written."""
+    if not (args.hf or args.trl_pairs):
+        raise MinidpoError("export: give --hf DIR and/or --trl-pairs OUT.jsonl")
+    run = _run(args)
+    paths = RunPaths.of(run)
+    rows = None
+    if args.trl_pairs:
+        src = Path(args.pairs) if args.pairs else paths.train_pairs
+        rows = trl_rows(load_pairs(src)[0], str(src))
+    if args.hf:
+        if args.checkpoint:
+            ckpt = Path(args.checkpoint)
+        else:
+            dpo = resolve(DPOConfig, "dpo", args.preset or "cpu", None)
+            ckpt = paths.dpo_dir(dpo.loss, dpo.beta) / "checkpoint.pt"
+        s = export_hf(ckpt, args.hf, force=run.force)
+        print(f"export: {s['kind']} of stage {s['stage']} ({ckpt}) -> {s['out']}")
+    if rows is not None:
+        atomic_write_jsonl(args.trl_pairs, rows[0])
+        print(f"export: {len(rows[0])} pairs in TRL's text form -> {args.trl_pairs}")
+        if rows[1]:
+            print(f"export: warning: {rows[1]} responses never terminated; TRL's DPOTrainer "
+                  f"({TRL_VERSION}) appends <|endoftext|> to them, minidpo does not",
+                  file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_gravity(args: argparse.Namespace) -> int:
 
     print(render(compute(load_example(args.example))))
@@ -521,6 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="candidates per prompt (default: 16)")
     p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
                    help="which reward picks the best candidate")  # fmt: skip
+    p = add("export", cmd_export, "a checkpoint as a transformers folder, pairs for TRL", [])
+    p.add_argument("--hf", metavar="DIR",
+                   help="write a transformers GPT-2 folder (config, safetensors, tokenizer)")  # fmt: skip
+    p.add_argument("--checkpoint",
+                   help="policy or reward model to export (default: the run's DPO policy)")  # fmt: skip
+    p.add_argument("--trl-pairs", metavar="OUT", help="write pairs in TRL's text form (JSONL)")
+    p.add_argument("--pairs", help="pairs to convert (default: the run's training pairs)")
     p = sub.add_parser("gravity", help="the seed card's worked example, number by number")
     p.add_argument("--example", help="example JSON (default: data/gravity_example.json)")
     p.set_defaults(handler=cmd_gravity, preset=None)

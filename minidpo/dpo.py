@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from minidpo.atomic import atomic_torch_save, atomic_write_json
@@ -155,6 +156,14 @@ def displacement_metrics(
     }
 
 
+def batch_indices(seed: int, step: int, n_pairs: int, batch_size: int) -> np.ndarray:
+    """The pairs of training step `step`: `batch_size` distinct indices of `n_pairs`, drawn
+    from the step's own stream (so a resumed run draws the same; the TRL parity test feeds
+    TRL the same batches in this order)."""
+    return stream(seed, "dpo/batch", step).choice(n_pairs, size=min(batch_size, n_pairs),
+                                                  replace=False)  # fmt: skip
+
+
 def run_dpo(
     cfg: DPOConfig,
     job: Job,
@@ -187,8 +196,7 @@ def run_dpo(
         eval_ref = reference_logps(eval_pairs, ref_path, eval_data, tok.eot_id, device, cache_dir)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
-        rng = stream(seed, "dpo/batch", step)
-        idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
+        idx = batch_indices(seed, step, len(train_data), cfg.batch_size)
         return train_data.batch(idx, tok.eot_id).to(device), torch.as_tensor(idx)
 
     def loss_fn(model: torch.nn.Module, item: tuple[Batch, torch.Tensor]):
