@@ -21,3 +21,38 @@ def tiny_sft(tmp_path_factory) -> Path:
         progress=False,
     )
     return root / "tiny" / "sft" / "checkpoint.pt"
+
+
+def _save_model_checkpoint(path: Path, model, tok, **entries) -> Path:
+    """A checkpoint of `model` (a GPT: kind "policy"; a ScalarHeadModel: "reward_model",
+    with `entries` such as normalization and pooling) as a stage would write it."""
+    from minidpo.checkpoints import save_checkpoint, stage_state
+    from minidpo.model import ScalarHeadModel
+
+    kind = "reward_model" if isinstance(model, ScalarHeadModel) else "policy"
+    state = stage_state(kind=kind, stage="test", model_config=model.config.to_dict(),
+                        tokenizer=tok.to_dict(), config={})  # fmt: skip
+    return save_checkpoint(path, {**state, **entries, "model": model.state_dict(), "step": 0})
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tiny_sft, tmp_path_factory) -> Path:
+    """A reward-model checkpoint on the tiny SFT body: a random head, normalised."""
+    import torch
+
+    from minidpo.model import ScalarHeadModel
+    from minidpo.policy import load_policy
+
+    body, tok = load_policy(tiny_sft)
+    rm = ScalarHeadModel(body, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rm.head.bias.fill_(0.3)
+    path = tmp_path_factory.mktemp("rm") / "checkpoint.pt"
+    return _save_model_checkpoint(path, rm, tok, normalization={"gain": 1.7, "bias": -0.4},
+                                 pooling="last")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def save_model_checkpoint():
+    """`_save_model_checkpoint`: a checkpoint of a hand-built model, as a stage writes it."""
+    return _save_model_checkpoint

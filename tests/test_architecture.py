@@ -310,6 +310,35 @@ def test_imports_follow_the_layer_order():
     _fail_unless_empty(layer_violations(imports(PACKAGE), _layers()), "imports against the layers")
 
 
+# The Hugging Face stack is the `hf` extra: the tests and lessons use it, the package never.
+OPTIONAL = ("transformers", "trl", "datasets", "accelerate", "tokenizers", "safetensors")
+
+
+def third_party_imports(pkg: Path, names: tuple[str, ...]) -> list[str]:
+    """Every import in `pkg` of a top-level package in `names`, as "file:line name"."""
+    found = []
+    for path in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            found += [f"{pkg.name}/{path.name}:{node.lineno} {t}" for t in tops if t in names]
+    return found
+
+
+def test_the_package_never_imports_the_hf_extra():
+    _fail_unless_empty(third_party_imports(PACKAGE, OPTIONAL), "imports of the optional hf extra")
+
+
+def test_third_party_imports_are_found(tmp_path):
+    pkg = _package(tmp_path, {"a.py": "import os\nfrom transformers import X\n",
+                              "b.py": "def f():\n    import trl.trainer\n"})  # fmt: skip
+    assert third_party_imports(pkg, OPTIONAL) == ["fake/a.py:2 transformers", "fake/b.py:2 trl"]
+
+
 def test_functions_are_short():
     found = long_functions(PACKAGE, allowed=LONG_FUNCTIONS_ALLOWED)
     _fail_unless_empty(found, f"functions longer than {MAX_FUNCTION_LINES} lines")
