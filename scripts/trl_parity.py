@@ -1,7 +1,8 @@
 """minidpo's DPO trainer beside TRL's DPOTrainer, step by step, on the same model and batches.
 
     python scripts/trl_parity.py --sft runs/default/sft/checkpoint.pt \\
-        --pairs runs/default/prefs/train.jsonl --steps 10 --out parity.json
+        --pairs runs/default/prefs/train.jsonl --steps 10 --out parity.json \\
+        --policy runs/default/dpo-sigmoid-beta0.1/checkpoint.pt --rm runs/default/rm/checkpoint.pt
 
 For each loss type both trainers share (sigmoid = DPO, robust, hinge): `minidpo dpo`'s
 trainer runs `--steps` steps; the same policy, exported by `minidpo export --hf`, and the
@@ -23,7 +24,12 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PrinterCallback,
+)
 from trl import DPOConfig as TRLConfig
 from trl import DPOTrainer
 
@@ -31,7 +37,8 @@ from minidpo.config import DPOConfig, resolve
 from minidpo.dpo import batch_indices, run_dpo
 from minidpo.export import export_hf, hf_state_dict, trl_rows
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, load_pairs, save_pairs
+from minidpo.preferences import PreferencePair, load_pairs, save_pairs, tokenize_pairs
+from minidpo.reward_model import load_reward_model
 from minidpo.training import Job, lr_at, make_optimizer, read_metrics
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -57,9 +64,12 @@ def trl_trainer(hf_dir: Path, rows: list[dict], cfg: DPOConfig, work: Path) -> D
         gradient_checkpointing=False, use_cpu=True, train_sampling_strategy="sequential",
         save_strategy="no", max_length=None, seed=0, disable_tqdm=True,
     )  # fmt: skip
-    return DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
-                      processing_class=AutoTokenizer.from_pretrained(hf_dir),
-                      optimizers=(opt, sched))  # fmt: skip
+    trainer = DPOTrainer(model=policy, ref_model=ref, args=args,
+                         train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(hf_dir),
+                         optimizers=(opt, sched))  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # the logs are read from state.log_history
+    return trainer
 
 
 def run_both(sft: Path, pairs: list[PreferencePair], cfg: DPOConfig, work: Path) -> dict:
@@ -89,17 +99,53 @@ def run_both(sft: Path, pairs: list[PreferencePair], cfg: DPOConfig, work: Path)
     return out
 
 
+def logits_gap(ckpt: Path, pairs: list[PreferencePair], work: Path) -> float:
+    """Largest |logit| difference, float32, between a minidpo policy and its export, over
+    the real positions of the first 64 pairs' [chosen; rejected] batch."""
+    model, tok = load_policy(ckpt)
+    export_hf(ckpt, work / "hf-logits", force=True)
+    hf = AutoModelForCausalLM.from_pretrained(work / "hf-logits").eval()
+    batch = tokenize_pairs(pairs[:64], tok, model.config.block_size, "pairs").batch(
+        range(min(64, len(pairs))), tok.eot_id)  # fmt: skip
+    real = batch.labels >= 0
+    with torch.no_grad():
+        gap = (model(batch.input_ids) - hf(batch.input_ids).logits)[real].abs().max()
+    return gap.item()
+
+
+def reward_gap(ckpt: Path, pairs: list[PreferencePair], work: Path) -> float:
+    """Largest |reward| difference between a minidpo reward model and its export (the
+    sequence-classification logit) on the first 64 pairs' chosen responses, batched."""
+    rm = load_reward_model(ckpt)
+    export_hf(ckpt, work / "hf-rm", force=True)
+    hf = AutoModelForSequenceClassification.from_pretrained(work / "hf-rm").eval()
+    hf_tok = AutoTokenizer.from_pretrained(work / "hf-rm")
+    rows = trl_rows(pairs[:64], "pairs")[0]
+    mine = rm.score_texts([p.prompt for p in pairs[:64]], [p.chosen for p in pairs[:64]],
+                          [p.chosen_terminated for p in pairs[:64]])  # fmt: skip
+    enc = hf_tok([r["prompt"] + r["chosen"] for r in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return (mine - hf(**enc).logits[:, 0]).abs().max().item()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", required=True, help="minidpo SFT checkpoint (the start and reference)")
     ap.add_argument("--pairs", required=True, help="minidpo pairs file (TRL form)")
+    ap.add_argument("--policy", help="also: the logits of this policy against its export")
+    ap.add_argument("--rm", help="also: the rewards of this reward model against its export")
     ap.add_argument("--preset", default="cpu", help="DPO settings of this preset (default cpu)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--work", default="runs/trl-parity", help="scratch folder")
     ap.add_argument("--out", help="write the figures as JSON here")
     a = ap.parse_args()
     pairs = load_pairs(a.pairs)[0]
-    results = {}
+    results: dict = {}
+    if a.policy:
+        results["policy logits"] = logits_gap(Path(a.policy), pairs, Path(a.work))
+    if a.rm:
+        results["reward model"] = reward_gap(Path(a.rm), pairs, Path(a.work))
+    print(json.dumps(results), flush=True)
     for name, (loss, eps) in LOSSES.items():
         cfg = resolve(DPOConfig, "dpo", a.preset, None)
         cfg.loss, cfg.label_smoothing, cfg.steps = loss, eps, a.steps

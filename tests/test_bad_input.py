@@ -26,8 +26,10 @@ import pytest
 import torch
 
 import minidpo.atomic as atomic
-from minidpo.checkpoints import content_sha256, load_checkpoint
+from minidpo.checkpoints import content_sha256, load_checkpoint, save_checkpoint
 from minidpo.cli import main
+from minidpo.model import ScalarHeadModel
+from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, save_pairs
 from minidpo.training import read_metrics
 from minidpo.world import load_world
@@ -101,10 +103,28 @@ MATRIX: list[tuple[str, str, str]] = [
     ("binary gravity example", "gravity --example {tmp}/binary.json", E + r".*binary\.json.*not UTF-8"),
     ("prompt not of the world", "ppo --reward oracle --sft {sft} --prompts {tmp}/prompts.txt",
      E + r".*prompts\.txt:1"),
+    # export
+    ("export nothing", "export", E + r"export: give --hf DIR and/or --trl-pairs OUT\.jsonl"),
+    ("export an untrained default", "export --hf {tmp}/hf",
+     E + r".*dpo-sigmoid-beta0\.1/checkpoint\.pt: checkpoint not found"),
+    ("export a foreign file", "export --hf {tmp}/hf --checkpoint {tmp}/foreign.pt",
+     E + r".*foreign\.pt: not a minidpo checkpoint"),
+    ("export another kind", "export --hf {tmp}/hf --checkpoint {tmp}/value.pt",
+     E + r".*value\.pt: holds a 'value' checkpoint; export takes a policy or a reward model"),
+    ("export into a full folder", "export --hf {tmp}/full --checkpoint {sft}",
+     E + r".*full: folder is not empty \(--force replaces it\)"),
+    ("export a sum-pooled reward model", "export --hf {tmp}/hf --checkpoint {tmp}/rm-sum.pt",
+     E + r".*rm-sum\.pt: a reward model with pooling 'sum' does not map"),
+    ("export an unfinished reward model", "export --hf {tmp}/hf --checkpoint {tmp}/rm-raw.pt",
+     E + r".*rm-raw\.pt: reward model is not normalised yet"),
+    ("export pairs holding the marker", "export --trl-pairs {tmp}/out.jsonl --pairs {tmp}/eot.jsonl",
+     E + r".*eot\.jsonl: pair 1 holds the text '<\|endoftext\|>'"),
+    ("export bad pairs", "export --trl-pairs {tmp}/out.jsonl --pairs {tmp}/badline.jsonl",
+     E + r".*badline\.jsonl:2"),
 ]  # fmt: skip
 
 
-def _inputs(tmp: Path, sft: Path) -> None:
+def _inputs(tmp: Path, sft: Path, save_model_checkpoint) -> None:
     """The files the matrix's commands read."""
     world = load_world()
     pairs = []
@@ -131,6 +151,18 @@ def _inputs(tmp: Path, sft: Path) -> None:
     (tmp / "flipped.pt").write_bytes(bytes(raw))
     (tmp / "truncated.pt").write_bytes(sft.read_bytes()[:1000])
     torch.save({"state_dict": {}}, tmp / "foreign.pt")
+    body, tok = load_policy(sft)
+    rm = ScalarHeadModel(body)
+    save_model_checkpoint(tmp / "rm-sum.pt", rm, tok, normalization={"gain": 1.0, "bias": 0.0},
+                          pooling="sum")  # fmt: skip
+    save_model_checkpoint(tmp / "rm-raw.pt", rm, tok, normalization=None, pooling="last")
+    value = load_checkpoint(sft)
+    save_checkpoint(tmp / "value.pt", {k: v for k, v in value.items()
+                                       if k not in ("format", "version", "sha256")} | {"kind": "value"})  # fmt: skip
+    (tmp / "full").mkdir()
+    (tmp / "full" / "mine.txt").write_text("keep me")
+    eot = {"prompt": "Explain gravity.", "chosen": "Gravity<|endoftext|>", "rejected": "No."}
+    (tmp / "eot.jsonl").write_text(json.dumps(eot) + "\n")
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -146,9 +178,9 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_sft) -> Path:
+def inputs(tmp_path_factory, tiny_sft, save_model_checkpoint) -> Path:
     tmp = tmp_path_factory.mktemp("inputs")
-    _inputs(tmp, tiny_sft)
+    _inputs(tmp, tiny_sft, save_model_checkpoint)
     return tmp
 
 
@@ -157,7 +189,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     case, command, expected, inputs, tiny_sft, tmp_path, capsys
 ) -> None:
     for f in inputs.iterdir():
-        shutil.copy(f, tmp_path / f.name)
+        (shutil.copytree if f.is_dir() else shutil.copy)(f, tmp_path / f.name)
     argv = command.format(tmp=tmp_path, sft=tiny_sft).split()
     if argv[0] not in ("nope", "gravity"):  # the commands that take a preset and a run
         argv += ["--runs-dir", str(tmp_path / "runs")]
