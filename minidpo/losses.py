@@ -6,7 +6,7 @@ the reference,
 
     h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)),
 
-the loss types are (names as in TRL's ``DPOTrainer``):
+the loss types are (names as in TRL's ``DPOTrainer``; which version each matches is below):
 
     "sigmoid"  DPO, Eq. 7:              -log sigma(beta h)
                with label_smoothing eps > 0, conservative DPO (cDPO, Mitchell 2023,
@@ -47,10 +47,20 @@ beta * (log pi - log pi_ref) is the implicit reward of Eq. 5 (up to beta log Z(x
 which cancels in every pair); it is returned, detached, for logging as TRL's
 ``rewards/chosen`` and ``rewards/rejected``.
 
+Which TRL version each name matches (read in the code of TRL 0.28.0, 0.29.0, 1.16.0;
+`tests/test_trl_parity.py` runs the pinned 1.16.0 against this file):
+- "sigmoid", "robust", "hinge": the same formulas in all three; the parity test
+  trains each side by side with TRL's DPOTrainer and the losses agree to 3e-7.
+- cDPO ("sigmoid" with label_smoothing > 0) is TRL's ``sigmoid`` + ``label_smoothing``
+  up to 0.28 only: from 0.29 on TRL ignores ``label_smoothing`` for ``sigmoid`` (it
+  serves ``robust``, ``exo_pair`` and the ``aot`` losses), and has no cDPO.
+- "ipo" is not TRL's: TRL (0.28 and 1.16 alike) divides each response's log-ratio by its
+  length before Eq. 17, so the same beta means something else there. Here every loss
+  takes whatever log-probs it is given (summed, by the project's convention, which is
+  how the paper writes Eq. 17).
+
 Left out: computing the log-probs (see ``minidpo.logprobs``), the batch mean, and
-the many later variants (KTO, ORPO, SimPO, ...). IPO's paper and TRL average the
-token log-probs for IPO; here every loss takes whatever log-probs it is given
-(summed, by the project's convention). ``minidpo.numpy_ref`` is the float64 NumPy
+the many later variants (KTO, ORPO, SimPO, ...). ``minidpo.numpy_ref`` is the float64 NumPy
 twin of this file with the gradients derived by hand.
 """
 
