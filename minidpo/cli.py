@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minidpo import __version__
+from minidpo import __version__, threads
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
@@ -598,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        threads.configure(getattr(args, "threads", None) or "auto")
         return args.handler(args)
     except MinidpoError as e:
         sys.stderr.write(f"minidpo: error: {e}\n")

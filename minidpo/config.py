@@ -39,6 +39,11 @@ class RunConfig:
     preset: str = _f("cpu", "preset: tiny (tests, seconds), cpu (default), gpu (larger model)")
     seed: int = _f(0, "seed of every random generator in the run")
     device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    threads: str = _f(
+        "auto",
+        "torch threads: auto (1 for sampling, every idle core for training; OMP_NUM_THREADS "
+        "if set) or N for N everywhere (minidpo.threads)",
+    )
     force: bool = _f(False, "rerun a stage even if its outputs exist")
 
 

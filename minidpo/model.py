@@ -197,7 +197,8 @@ class CausalSelfAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C); attn_mask None (plain causal) or bool (B, 1, T, T_past + T)."""
+        """x (B, T, C); attn_mask bool (B, 1, T, T_past + T), or None: no padding, and the T
+        new positions are either the first (T_past = 0) or a single one (T = 1)."""
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # each (B, T, C)
@@ -208,8 +209,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, T_past + T, hs)
         dropout_p = self.dropout if self.training else 0.0
         # softmax(q k^T / sqrt(hs)) v, Eq. 1 of Vaswani et al. 2017
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if attn_mask is None:  # no padding: causal over T > 1 new positions from the start,
+            # or one new position that sees every cached key (SDPA's is_causal would align
+            # its one query with the first key, not the last)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         # y: (B, nh, T, hs)
@@ -311,8 +314,10 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states (B, T, C), after ln_f, of the T new positions in ``idx`` (B, T).
 
-        With a cache (`minidpo.sampling.generate`), ``attention_mask`` covers the cached positions and the new ones,
-        (B, T_past + T); without a mask all positions are taken as real.
+        With a cache (`minidpo.sampling.generate`), ``attention_mask`` covers the cached
+        positions and the new ones, (B, T_past + T); without a mask all positions are taken
+        as real, and no mask is built where none is needed (the first positions, or one
+        new position).
         """
         B, T = idx.shape
         T_total = T + (cache.length if cache is not None else 0)
@@ -321,9 +326,10 @@ class GPT(nn.Module):
                 f"sequence of {T_total} tokens is longer than the model's "
                 f"block_size={self.config.block_size} (GPTConfig.block_size)"
             )
-        if attention_mask is None and cache is None:
-            pos = torch.arange(T, device=idx.device)  # (T,)
-            attn_mask = None  # plain causal attention, SDPA's is_causal=True
+        past = T_total - T
+        if attention_mask is None and (past == 0 or T == 1):
+            pos = torch.arange(past, T_total, device=idx.device)  # (T,)
+            attn_mask = None  # no padding: SDPA's unmasked kernels (see CausalSelfAttention)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, T_total, dtype=torch.long, device=idx.device)

@@ -10,8 +10,12 @@
   at once, and decodes. Row i of a call with seed s gets its own generator seeded by
   (s, i).
 
-Left out: top-p and beam search. The KV cache grows by concatenation, not a
-preallocated buffer.
+Per step, generation does no more than it must: the cache is preallocated
+(`KVCache`), the attention mask grows in a preallocated buffer, and a batch with no
+padding (every prompt the same length) passes no mask at all, so SDPA runs its
+unmasked kernels.
+
+Left out: top-p and beam search.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minidpo import threads
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig
 from minidpo.tokenizer import Tokenizer
@@ -40,31 +45,41 @@ class Sample:
 
 
 class KVCache:
-    """Keys and values of the positions already processed, one pair per layer.
+    """Keys and values of the positions already processed, in buffers allocated once.
 
-    Each ``update`` appends the new positions' keys/values (B, nh, T_new, hs) along
-    time and returns the full (B, nh, T_past + T_new, hs) tensors for attention.
+    Each layer's buffer is (B, nh, capacity, hs), made at its first ``update``; an
+    ``update`` writes the new positions' keys/values (B, nh, T_new, hs) at the end of
+    what is cached and returns views of the filled part, (B, nh, T_past + T_new, hs), for
+    attention. Nothing is copied again: growing by concatenation would copy the whole
+    cache at every step, O(T^2) bytes over a generation.
     """
 
-    def __init__(self, n_layer: int) -> None:
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_layer
 
     @property
     def length(self) -> int:
         """Number of positions cached so far (read before a step updates layer 0)."""
-        k = self.keys[0]
-        return 0 if k is None else k.size(2)
+        return self.lengths[0]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        past_k, past_v = self.keys[layer], self.values[layer]
-        if past_k is not None and past_v is not None:
-            k = torch.cat([past_k, k], dim=2)  # (B, nh, T_past + T_new, hs)
-            v = torch.cat([past_v, v], dim=2)  # (B, nh, T_past + T_new, hs)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        start, end = self.lengths[layer], self.lengths[layer] + k.size(2)
+        if end > self.capacity:
+            raise MinidpoError(f"KVCache: {end} positions, capacity {self.capacity}")
+        if self.keys[layer] is None:
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_empty(B, nh, self.capacity, hs)
+            self.values[layer] = v.new_empty(B, nh, self.capacity, hs)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        self.lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]  # (B, nh, T_past + T_new, hs)
 
 
 def check_generate_args(
@@ -129,11 +144,13 @@ def generate(
 
     device = model.device
     B, T0 = len(prompts), max(len(p) for p in prompts)
+    T_max = T0 + max_new_tokens
     idx = torch.full((B, T0), eot_id, dtype=torch.long)  # (B, T0), pad value is masked
-    mask = torch.zeros((B, T0), dtype=torch.long)  # (B, T0)
+    mask = torch.ones((B, T_max), dtype=torch.long)  # (B, T_max): prompt, then responses
     for i, p in enumerate(prompts):
         idx[i, T0 - len(p) :] = torch.tensor(p, dtype=torch.long)  # left padding
-        mask[i, T0 - len(p) :] = 1
+        mask[i, : T0 - len(p)] = 0
+    padded = any(len(p) < T0 for p in prompts)  # else no mask at all: SDPA's unmasked path
     idx, mask = idx.to(device), mask.to(device)
     uniforms = torch.stack(  # (B, max_new_tokens), each row from its own seed
         [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -142,8 +159,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config.n_layer) if use_cache else None
-        logits = model.lm_head(model.hidden_states(idx, mask, cache)[:, -1])  # (B, V)
+        cache = KVCache(model.config.n_layer, T_max) if use_cache else None
+        prompt_mask = mask[:, :T0] if padded else None
+        logits = model.lm_head(model.hidden_states(idx, prompt_mask, cache)[:, -1])  # (B, V)
         responses: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for t in range(max_new_tokens):
@@ -155,12 +173,12 @@ def generate(
             if all(done) or t == max_new_tokens - 1:
                 break
             new = next_ids[:, None]  # (B, 1)
-            mask = torch.cat([mask, torch.ones_like(new)], dim=1)  # (B, T + 1)
+            seen = mask[:, : T0 + t + 1] if padded else None  # (B, T + 1), a view
             if cache is not None:
-                h = model.hidden_states(new, mask, cache)  # (B, 1, C): one new position
+                h = model.hidden_states(new, seen, cache)  # (B, 1, C): one new position
             else:
                 idx = torch.cat([idx, new], dim=1)  # (B, T + 1)
-                h = model.hidden_states(idx, mask, None)  # (B, T + 1, C): recompute all
+                h = model.hidden_states(idx, seen, None)  # (B, T + 1, C): recompute all
             logits = model.lm_head(h[:, -1])  # (B, V)
     finally:
         model.train(was_training)
@@ -270,15 +288,10 @@ def sample_responses(
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        ids = generate(
-            model,
-            encoded[chunk],
-            max_new_tokens=max_new_tokens,
-            eot_id=tok.eot_id,
-            seeds=[int(s) for s in seeds[chunk]],
-            temperature=temperature,
-            top_k=top_k or None,
-        )
+        with threads.sampling():  # dispatch-bound: 1 thread under the policy
+            ids = generate(model, encoded[chunk], max_new_tokens=max_new_tokens,
+                           eot_id=tok.eot_id, seeds=[int(s) for s in seeds[chunk]],
+                           temperature=temperature, top_k=top_k or None)  # fmt: skip
         for prompt, resp in zip(prompts[chunk], ids, strict=True):
             terminated = len(resp) > 0 and resp[-1] == tok.eot_id
             text_ids = resp[:-1] if terminated else resp

@@ -43,6 +43,7 @@ from minidpo.cost import measure
 from minidpo.errors import MinidpoError
 from minidpo.lock import hold, release
 from minidpo.paths import RunPaths
+from minidpo.threads import POLICY
 
 
 @dataclass
@@ -173,6 +174,7 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
     resume = stage.name not in ctx.force and started is not None and started.get("key") == key
     atomic_write_json(path.with_suffix(".started"), {"key": key})
     ctx.log(f"[{stage.name}] {'resuming' if resume else 'running'}")
+    POLICY.refresh()  # training threads: the idle cores now (`minidpo.threads`)
     try:
         with measure(ctx.device) as cost:
             summary = stage.fn(ctx, resume)

@@ -35,6 +35,7 @@ from minidpo.atomic import atomic_write_text
 from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
 from minidpo.progress import progress
+from minidpo.threads import POLICY
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,6 +51,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise MinidpoError(f"--device: {name!r} is not supported (use auto, cpu or cuda)")
     return device
+
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -346,6 +348,7 @@ def run_loop(
     bar = progress(range(state.start, loop.steps), desc=loop.desc, initial=state.start,
                    enabled=job.progress)  # fmt: skip
     for step in bar:
+        POLICY.tick(step)  # another process may have started or stopped
         row = {"step": step + 1, **step_fn(step)}
         reached, ran = step + 1, ran + 1
         for key, total in counters.items():

@@ -3,13 +3,14 @@ tokenizer, number for number (transformers and `tokenizers` are the hf extra).""
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 
 from minidpo.cli import main
 from minidpo.config import TokenizerConfig, resolve
-from minidpo.export import bytes_to_unicode, export_hf, hf_state_dict, trl_rows
+from minidpo.export import TRL_VERSION, bytes_to_unicode, export_hf, hf_state_dict, trl_rows
 from minidpo.model import GPT, GPTConfig, position_ids
 from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair
@@ -168,3 +169,16 @@ def test_export_cli_force_replaces_and_model_card_names_the_source(tiny_sft, tmp
     assert "SHA-256" in (out / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temp folder left"
     assert "export: policy of stage sft" in capsys.readouterr().out
+
+
+def test_the_hf_extra_pins_what_requirements_hf_pins():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    lines = (root / "requirements-hf.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    assert pins["trl"] == TRL_VERSION
+    for req in extra["hf"]:
+        name, version = req.split("==")
+        assert pins[name] == version, (name, version, pins.get(name))

@@ -350,7 +350,7 @@ def test_kv_cache_logits_equal_full_forward() -> None:
     mask[1, :4] = 0  # row 1 is left-padded by 4
     mask[2, :9] = 0  # row 2 by 9
     full = model(idx, mask)  # (B, T, V)
-    cache = KVCache(TINY.n_layer)
+    cache = KVCache(TINY.n_layer, TINY.block_size)
     chunks = [model.lm_head(model.hidden_states(idx[:, :6], mask[:, :6], cache))]  # prefill 6
     for t in range(6, 14):  # then one position at a time
         chunks.append(
@@ -373,9 +373,77 @@ def test_kv_cache_generation_equals_no_cache() -> None:
         ), f"temperature={temperature} top_k={top_k}"
 
 
+class _GrowingCache:
+    """The cache before it was preallocated: keys and values grown by concatenation."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.kv[0] is None else self.kv[0][0].size(2)
+
+    def update(self, layer, k, v):
+        if self.kv[layer] is not None:
+            k, v = (
+                torch.cat([old, new], dim=2)
+                for old, new in zip(self.kv[layer], (k, v), strict=True)
+            )
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+@torch.no_grad()
+def _generate_before(model, prompts, *, max_new_tokens, eot_id, seeds, temperature, top_k):
+    """`generate` as it was before the preallocated cache: the mask rebuilt and the cache
+    grown at every step, a mask passed even without padding. The reference for the test."""
+    B, T0 = len(prompts), max(len(p) for p in prompts)
+    idx = torch.full((B, T0), eot_id, dtype=torch.long)
+    mask = torch.zeros((B, T0), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, T0 - len(p) :], mask[i, T0 - len(p) :] = torch.tensor(p), 1
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in gens])
+    cache = _GrowingCache(model.config.n_layer)
+    logits = model.lm_head(model.hidden_states(idx, mask, cache)[:, -1])
+    out, done = [[] for _ in range(B)], [False] * B
+    for t in range(max_new_tokens):
+        nxt = sample_next_token(logits, uniforms[:, t], temperature, top_k)
+        for i, tok in enumerate(nxt.tolist()):
+            if not done[i]:
+                out[i].append(tok)
+                done[i] = tok == eot_id
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+        logits = model.lm_head(model.hidden_states(nxt[:, None], mask, cache)[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "same-length"])
+def test_preallocated_cache_samples_the_tokens_it_sampled_before(padded: bool) -> None:
+    model = make_model(seed=7, sharp=True)
+    prompts = PROMPTS if padded else [PROMPTS[0]] * len(PROMPTS)
+    for temperature, top_k in [(1.0, None), (0.0, None), (1.0, 4)]:
+        kw = dict(max_new_tokens=20, eot_id=EOT, seeds=SEEDS, temperature=temperature, top_k=top_k)
+        assert generate(model, prompts, **kw) == _generate_before(model, prompts, **kw)
+
+
+def test_kv_cache_is_allocated_once() -> None:
+    model = make_model(seed=2)
+    cache = KVCache(TINY.n_layer, 12)
+    model.hidden_states(random_ids((2, 5), seed=1), None, cache)
+    buffers = [k.data_ptr() for k in cache.keys]
+    for _ in range(7):
+        model.hidden_states(random_ids((2, 1), seed=2), None, cache)
+    assert [k.data_ptr() for k in cache.keys] == buffers and cache.length == 12
+    with pytest.raises(MinidpoError, match="13 positions, capacity 12"):
+        cache.update(0, *(torch.zeros(2, TINY.n_head, 1, 16) for _ in range(2)))
+
+
 def test_kv_cache_respects_block_size() -> None:
     model = make_model()
-    cache = KVCache(TINY.n_layer)
+    cache = KVCache(TINY.n_layer, TINY.block_size)
     model.hidden_states(torch.zeros(1, 32, dtype=torch.long), None, cache)
     with pytest.raises(MinidpoError, match="33 tokens"):
         model.hidden_states(torch.zeros(1, 1, dtype=torch.long), None, cache)
