@@ -53,7 +53,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Learning rate at `step` (0-based): linear warmup to `lr`, then cosine to `lr*min_lr_ratio`.
 

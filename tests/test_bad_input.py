@@ -75,6 +75,7 @@ MATRIX: list[tuple[str, str, str]] = [
     ("sweep GRPO betas", "sweep --sweep-grpo-betas 0", E + r".*--sweep-grpo-betas"),
     ("vocabulary too small", "tokenizer --vocab-size 300", E + r".*--vocab-size"),
     ("heads do not divide width", "sft --n-head 5", E + r"--n-head: 5 does not divide --n-embd 32"),
+    ("zero threads", "sft --threads 0", E + r"--threads: must be auto or a whole number >= 1, got '0'"),
     ("dropout of 1", "sft --dropout 1", E + r"--dropout: must be in \[0, 1\)"),
     # run names that would leave the runs folder
     ("name escapes", "sft --name ../escape", E + r"--name: '../escape' is not a folder name"),
