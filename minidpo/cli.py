@@ -400,10 +400,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise MinidpoError("export: give --hf DIR and/or --trl-pairs OUT.jsonl")
     run = _run(args)
     paths = RunPaths.of(run)
-    rows = None
+    rows, unterminated = None, 0
     if args.trl_pairs:
         src = Path(args.pairs) if args.pairs else paths.train_pairs
-        rows = trl_rows(load_pairs(src)[0], str(src))
+        rows, unterminated = trl_rows(load_pairs(src)[0], str(src))
     if args.hf:
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
@@ -413,11 +413,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         s = export_hf(ckpt, args.hf, force=run.force)
         print(f"export: {s['kind']} of stage {s['stage']} ({ckpt}) -> {s['out']}")
     if rows is not None:
-        atomic_write_jsonl(args.trl_pairs, rows[0])
-        print(f"export: {len(rows[0])} pairs in TRL's text form -> {args.trl_pairs}")
-        if rows[1]:
-            print(f"export: warning: {rows[1]} responses never terminated; TRL's DPOTrainer "
-                  f"({TRL_VERSION}) appends <|endoftext|> to them, minidpo does not",
+        atomic_write_jsonl(args.trl_pairs, rows)
+        print(f"export: {len(rows)} pairs in TRL's text form -> {args.trl_pairs}")
+        if unterminated:
+            print(f"export: warning: {unterminated} responses never terminated; TRL's "
+                  f"DPOTrainer ({TRL_VERSION}) appends <|endoftext|> to them, minidpo does not",
                   file=sys.stderr)  # fmt: skip
     return 0
 

@@ -216,7 +216,8 @@ def hf_tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def hf_tokenizer_config(tok: Tokenizer, block_size: int, pad: str) -> dict[str, Any]:
+def hf_tokenizer_config(block_size: int, pad: str) -> dict[str, Any]:
+    """tokenizer_config.json: the class that reads tokenizer.json as it is, EOS, padding."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": EOT,
@@ -272,7 +273,12 @@ def _write_folder(out: Path, files: dict[str, bytes], force: bool) -> Path:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)  # the previous export stays where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +324,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, force: bool = False) -
         "config.json": _json(config),
         "model.safetensors": safetensors_bytes(tensors, {"format": "pt", "minidpo_sha256": sha}),
         "tokenizer.json": _json(hf_tokenizer_json(tok)),
-        "tokenizer_config.json": _json(hf_tokenizer_config(tok, gpt.config.block_size, pad)),
+        "tokenizer_config.json": _json(hf_tokenizer_config(gpt.config.block_size, pad)),
         "README.md": model_card(kind, stage, checkpoint, sha, gpt, tok.eot_id).encode(),
     }
     _write_folder(out, files, force)
@@ -338,13 +344,12 @@ def trl_rows(pairs: Sequence[PreferencePair], where: str) -> tuple[list[dict[str
     """
     rows, unterminated = [], 0
     for n, p in enumerate(pairs, 1):
+        if any(EOT in text for text in (p.prompt, p.chosen, p.rejected)):
+            raise MinidpoError(f"{where}: pair {n} holds the text {EOT!r}, which "
+                               "transformers reads as the special token")  # fmt: skip
         row: dict[str, Any] = {"prompt": format_prompt(p.prompt)}
         for key, done in (("chosen", p.chosen_terminated), ("rejected", p.rejected_terminated)):
-            text = getattr(p, key)
-            if EOT in text or EOT in p.prompt:
-                raise MinidpoError(f"{where}: pair {n} holds the text {EOT!r}, which "
-                                   "transformers reads as the special token")  # fmt: skip
-            row[key] = text + EOT if done else text
+            row[key] = getattr(p, key) + EOT if done else getattr(p, key)
             unterminated += not done
         for key in ("score_chosen", "score_rejected"):
             if getattr(p, key) is not None:

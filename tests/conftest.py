@@ -56,3 +56,23 @@ def tiny_reward_model(tiny_sft, tmp_path_factory) -> Path:
 def save_model_checkpoint():
     """`_save_model_checkpoint`: a checkpoint of a hand-built model, as a stage writes it."""
     return _save_model_checkpoint
+
+
+def _fact_pairs(split: str, n: int):
+    """Pairs for the first `n` prompts of `split`: a fact of the topic (chosen) against a
+    wrong claim (rejected); every response terminated."""
+    from minidpo.preferences import PreferencePair
+    from minidpo.world import load_world
+
+    world = load_world()
+    out = []
+    for i, p in enumerate(world.prompts(split)[:n]):
+        t = world.topics[p.topic]
+        out.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def fact_pairs():
+    """`_fact_pairs(split, n)`: world pairs whose labels are never in doubt."""
+    return _fact_pairs

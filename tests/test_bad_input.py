@@ -30,9 +30,8 @@ from minidpo.checkpoints import content_sha256, load_checkpoint, save_checkpoint
 from minidpo.cli import main
 from minidpo.model import ScalarHeadModel
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.preferences import save_pairs
 from minidpo.training import read_metrics
-from minidpo.world import load_world
 
 ROOT = Path(__file__).resolve().parents[1]
 E = "minidpo: error: "
@@ -125,14 +124,9 @@ MATRIX: list[tuple[str, str, str]] = [
 ]  # fmt: skip
 
 
-def _inputs(tmp: Path, sft: Path, save_model_checkpoint) -> None:
+def _inputs(tmp: Path, sft: Path, save_model_checkpoint, fact_pairs) -> None:
     """The files the matrix's commands read."""
-    world = load_world()
-    pairs = []
-    for i, p in enumerate(world.prompts("train")[:6]):
-        t = world.topics[p.topic]
-        pairs.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
-    save_pairs(tmp / "good.jsonl", pairs)
+    save_pairs(tmp / "good.jsonl", fact_pairs("train", 6))
     good = (tmp / "good.jsonl").read_text()
     (tmp / "pairs.jsonl.gz").write_bytes(gzip.compress(good.encode()))
     row = {"prompt": "Explain gravity.", "chosen": "Gravity is caf\u00e9.", "rejected": "No."}
@@ -179,9 +173,9 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_sft, save_model_checkpoint) -> Path:
+def inputs(tmp_path_factory, tiny_sft, save_model_checkpoint, fact_pairs) -> Path:
     tmp = tmp_path_factory.mktemp("inputs")
-    _inputs(tmp, tiny_sft, save_model_checkpoint)
+    _inputs(tmp, tiny_sft, save_model_checkpoint, fact_pairs)
     return tmp
 
 

@@ -14,7 +14,6 @@ from minidpo.losses import LOSS_TYPES, preference_loss
 from minidpo.policy import load_policy
 from minidpo.preferences import PreferencePair, load_pairs, save_pairs, tokenize_pairs
 from minidpo.training import Job, read_metrics
-from minidpo.world import load_world
 
 TRL_NAMES = [
     "loss",
@@ -27,21 +26,11 @@ TRL_NAMES = [
 ]
 
 
-def _pairs(split, n):
-    """Fact (chosen) vs wrong claim (rejected) for prompts of the world."""
-    world = load_world()
-    out = []
-    for i, p in enumerate(world.prompts(split)[:n]):
-        t = world.topics[p.topic]
-        out.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
-    return out
-
-
 @pytest.fixture(scope="module")
-def pair_files(tmp_path_factory):
+def pair_files(tmp_path_factory, fact_pairs):
     d = tmp_path_factory.mktemp("pairs")
-    return save_pairs(d / "train.jsonl", _pairs("train", 24)), save_pairs(
-        d / "eval.jsonl", _pairs("eval", 8)
+    return save_pairs(d / "train.jsonl", fact_pairs("train", 24)), save_pairs(
+        d / "eval.jsonl", fact_pairs("eval", 8)
     )
 
 
