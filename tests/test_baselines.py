@@ -15,11 +15,10 @@ from minidpo.baselines import (
 from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.preferences import save_pairs
 from minidpo.sampling import sample_responses
 from minidpo.scoring import oracle_scores
 from minidpo.training import Job, read_metrics
-from minidpo.world import load_world
 
 PROMPTS = ["Explain gravity.", "What is gravity?", "Explain photosynthesis."]
 
@@ -84,18 +83,11 @@ def test_best_of_n_rejects_bad_n_and_bad_scores(policy):
         best_of_n(model, tok, PROMPTS, n=2, score_fn=lambda ss: torch.zeros(1), seed=0)
 
 
-def _pairs(split, n):
-    world = load_world()
-    out = []
-    for i, p in enumerate(world.prompts(split)[:n]):
-        t = world.topics[p.topic]
-        out.append(PreferencePair(p.text, t.facts[i % len(t.facts)], t.wrong[i % len(t.wrong)]))
-    return out
-
-
-def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, tmp_path):
-    train = save_pairs(tmp_path / "train.jsonl", _pairs("train", 24))
-    evals = save_pairs(tmp_path / "eval.jsonl", _pairs("eval", 8))
+def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(
+    tiny_sft, tmp_path, fact_pairs
+):
+    train = save_pairs(tmp_path / "train.jsonl", fact_pairs("train", 24))
+    evals = save_pairs(tmp_path / "eval.jsonl", fact_pairs("eval", 8))
     cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5)
     out = tmp_path / "preferred_ft"
     job = Job(out, 0, "cpu", progress=False)
@@ -113,11 +105,13 @@ def test_preferred_ft_tiny_run_lowers_chosen_loss_and_writes_a_policy(tiny_sft, 
     assert summary["train/loss"] == pytest.approx(rows[-1]["train/loss"], abs=1e-12)
 
 
-def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_restarts(tiny_sft, tmp_path):
+def test_preferred_ft_resumes_to_the_uninterrupted_weights_and_restarts(
+    tiny_sft, tmp_path, fact_pairs
+):
     """`resume` continues an interrupted run from its last checkpoint (same weights and
     metrics as an uninterrupted one); without it, the run starts afresh. (Which of the
     two a rerun does is the stage layer's decision: test_stage.py.)"""
-    train = save_pairs(tmp_path / "train.jsonl", _pairs("train", 24))
+    train = save_pairs(tmp_path / "train.jsonl", fact_pairs("train", 24))
     cfg = PreferredFTConfig(steps=10, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=5,
                             ckpt_every=2)  # fmt: skip
 
