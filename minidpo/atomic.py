@@ -10,7 +10,8 @@ A write the file system refuses (disk full, read-only, permission denied) is one
 MinidpoError naming the path, with the temp file removed and the old file untouched,
 so freeing space and rerunning resumes. The temp file of a process killed before its
 rename is removed by the next write of the same file (one writer per run folder:
-`minidpo.lock`).
+`minidpo.lock`). Under torchrun only rank 0 writes (`minidpo.distributed`): on the
+other ranks these helpers write nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from minidpo import distributed
 from minidpo.errors import MinidpoError
 
 
@@ -36,6 +38,8 @@ def _umask() -> int:
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
+    if not distributed.is_writer():  # under torchrun, rank 0 writes every file
+        return path
     prefix = f".{path.name}."
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

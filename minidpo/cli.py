@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minidpo import __version__, threads
+from minidpo import __version__, distributed, threads
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
@@ -104,8 +104,11 @@ def _checked(args: argparse.Namespace, groups: Sequence[str]) -> dict[str, Any]:
     cfg = {g: _cfg(cls, g, args) if g in groups else resolve(cls, g, args.preset or "cpu", None)
            for g, cls in GROUPS.items()}  # fmt: skip
     for g in groups:
+        prefix = f"{g.replace('_', '-')}-" if g in getattr(args, "prefixed", ()) else ""
         if hasattr(cfg[g], "validate"):
-            cfg[g].validate(f"{g.replace('_', '-')}-" if g in getattr(args, "prefixed", ()) else "")
+            cfg[g].validate(prefix)
+        if hasattr(cfg[g], "batch_size"):  # under torchrun: split equally over the processes
+            distributed.check_divides(cfg[g].batch_size, f"--{prefix}batch-size")
     return cfg
 
 
@@ -598,7 +601,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        distributed.check_command(args.command)  # under torchrun: sft, dpo and rm only
         threads.configure(getattr(args, "threads", None) or "auto")
+        distributed.setup(getattr(args, "device", None) or "auto")
         return args.handler(args)
     except MinidpoError as e:
         sys.stderr.write(f"minidpo: error: {e}\n")
@@ -611,3 +616,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("minidpo: interrupted; run the same command again to resume\n")
         return 130
+    finally:
+        distributed.teardown()

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidpo import distributed
 from minidpo.atomic import atomic_torch_save, atomic_write_json
 from minidpo.batching import Batch
 from minidpo.checkpoints import file_sha256, provenance, stage_state
@@ -196,7 +197,7 @@ def run_dpo(
         eval_ref = reference_logps(eval_pairs, ref_path, eval_data, tok.eot_id, device, cache_dir)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
-        idx = batch_indices(seed, step, len(train_data), cfg.batch_size)
+        idx = distributed.shard(batch_indices(seed, step, len(train_data), cfg.batch_size))
         return train_data.batch(idx, tok.eot_id).to(device), torch.as_tensor(idx)
 
     def loss_fn(model: torch.nn.Module, item: tuple[Batch, torch.Tensor]):

@@ -5,7 +5,8 @@ overwrite each other's checkpoints. The first stage that writes takes the lock,
 ``runs/<name>/.lock`` (created with O_EXCL, so only one process can create it); the
 process keeps it until it exits. A second process stops at once with one error naming
 the holder's pid. A lock whose process no longer exists (a killed run) is stale and is
-taken over. Reading (a stage found up to date) takes no lock.
+taken over. Reading (a stage found up to date) takes no lock. The processes of one
+torchrun launch are one writer: rank 0 holds the lock (`minidpo.distributed`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import atexit
 import os
 from pathlib import Path
 
+from minidpo import distributed
 from minidpo.errors import MinidpoError
 
 _HELD: set[Path] = set()
@@ -51,7 +53,7 @@ def hold(folder: Path) -> None:
     """Take the lock of `folder` for this process (a no-op if it holds it already);
     MinidpoError naming the holder if a live process holds it."""
     path = Path(folder) / ".lock"
-    if path in _HELD:
+    if path in _HELD or not distributed.is_writer():  # under torchrun, rank 0 holds it
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a stale lock is removed once, then created afresh

@@ -389,6 +389,11 @@ class ScalarHeadModel(nn.Module):
     def config(self) -> GPTConfig:
         return self.body.config
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether the forward leaves parameters out: an untied body's lm_head (DDP asks)."""
+        return not self.body.config.tie_head
+
     def forward(
         self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidpo import distributed
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.checkpoints import (
@@ -432,6 +433,8 @@ def run_reward_model(
         policy, tok, cfg, job, train_pairs=train_pairs, eval_pairs=eval_pairs,
         provenance_=provenance("reward_model", cfg, seed, sft=sft_path, pairs=train_pairs),
     )  # fmt: skip
+    if not distributed.is_writer():  # under torchrun: rank 0 normalises and reports alone
+        return last
     ckpt_path = job.out_dir / "checkpoint.pt"
     ckpt = load_checkpoint(ckpt_path, kind="reward_model")
     if not ckpt["done"]:
@@ -488,6 +491,7 @@ def train_reward_model(
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
         rng = stream(seed, "rm/batch", step)
         idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
+        idx = distributed.shard(idx)  # this rank's pairs, under torchrun
         return train_data.batch(idx, pad).to(device), torch.as_tensor(idx)
 
     def losses_of(m, batch: Batch, margin: torch.Tensor | None):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from minidpo import distributed
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
 from minidpo.checkpoints import stage_state
@@ -38,15 +39,17 @@ from minidpo.training import Job, LoopConfig, resolve_device, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
 
 
-def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the masked positions."""
+def lm_loss(logits: torch.Tensor, batch: Batch, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked positions: their sum divided by
+    `count` (default their number; under torchrun, the ranks' mean number, so that the
+    mean of the ranks' losses is the global batch's mean over tokens)."""
     B, T, V = logits.shape
     nll = F.cross_entropy(
         logits.reshape(B * T, V),  # (B*T, V)
         batch.labels.clamp(min=0).reshape(B * T),  # (B*T,)
         reduction="none",
     ).view(B, T)  # (B, T)
-    return (nll * batch.mask).sum() / batch.mask.sum()
+    return (nll * batch.mask).sum() / (batch.mask.sum() if count is None else count)
 
 
 def tokenize_demos(tok: Tokenizer, demos: list) -> tuple[list[list[int]], list[list[int]]]:
@@ -127,7 +130,7 @@ def run_sft(
 
     def get_batch(step: int) -> Batch:
         rng = stream(run.seed, "sft/batch", step)  # the batch depends on (seed, step) only
-        idx = rng.integers(0, len(train_p), cfg.batch_size)
+        idx = distributed.shard(rng.integers(0, len(train_p), cfg.batch_size))  # this rank's
         return build_batch(
             [train_p[i] for i in idx],
             [train_r[i] for i in idx],
@@ -136,7 +139,7 @@ def run_sft(
         ).to(device)
 
     def loss_fn(m: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = lm_loss(m(batch.input_ids), batch)
+        loss = lm_loss(m(batch.input_ids), batch, distributed.mean(batch.mask.sum()))
         return loss, {"loss": loss.item(), "tokens": batch.n_tokens}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from minidpo import distributed
 from minidpo.atomic import atomic_write_json
 from minidpo.checkpoints import content_sha256
 from minidpo.config import RunConfig, to_dict
@@ -158,30 +159,36 @@ def _undo_start(folder: Path, started: Path) -> None:
                 d.rmdir()
 
 
-def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, Any]:
-    """Skip, resume or rerun one stage (see the module docstring); returns its stamp and
-    records it in `stamps`."""
+@dataclass(frozen=True)
+class _Start:
+    """What `run_stage` decided before running a stage (on rank 0, under torchrun)."""
+
+    key: str
+    stamp: dict[str, Any] | None  # the current stamp: the stage is up to date
+    resume: bool = False
+    first: bool = False  # no earlier attempt: bad input takes back the start
+
+
+def _start(ctx: Context, stage: Stage) -> _Start:
+    """Skip, or take the run folder's lock and write the ``.started`` stamp."""
     key = stage_key(ctx, stage)
     old = up_to_date(ctx, stage, key)
     if old is not None:
         ctx.log(f"[{stage.name}] up to date ({old['cost']['wall_s']:.1f} s when run)")
-        stamps[stage.name] = old
-        return old
+        return _Start(key, old)
     stage.check(ctx)  # one clear error, and nothing written yet
     hold(ctx.folder)  # one writer per run folder (`minidpo.lock`)
-    path = ctx.paths.stamp(stage.name)
-    started = read_stamp(path.with_suffix(".started"))
+    started_path = ctx.paths.stamp(stage.name).with_suffix(".started")
+    started = read_stamp(started_path)
     resume = stage.name not in ctx.force and started is not None and started.get("key") == key
-    atomic_write_json(path.with_suffix(".started"), {"key": key})
+    atomic_write_json(started_path, {"key": key})
     ctx.log(f"[{stage.name}] {'resuming' if resume else 'running'}")
-    POLICY.refresh()  # training threads: the idle cores now (`minidpo.threads`)
-    try:
-        with measure(ctx.device) as cost:
-            summary = stage.fn(ctx, resume)
-    except MinidpoError:  # bad input, found before the stage wrote anything to resume from
-        if started is None:
-            _undo_start(ctx.folder, path.with_suffix(".started"))
-        raise
+    return _Start(key, None, resume, first=started is None)
+
+
+def _finish(ctx: Context, stage: Stage, key: str, summary: dict[str, Any], cost: Any) -> dict:
+    """The stamp of a stage that ran: its key, its outputs' hash, its summary and cost."""
+    path = ctx.paths.stamp(stage.name)
     outs = stage.outputs(ctx)
     digest = content_sha256(outs) if outs else None
     if digest is None:
@@ -198,6 +205,30 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
     atomic_write_json(path, stamp)
     path.with_suffix(".started").unlink(missing_ok=True)
     ctx.log(f"[{stage.name}] done in {cost.wall_s:.1f} s")
+    return stamp
+
+
+def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, Any]:
+    """Skip, resume or rerun one stage (see the module docstring); returns its stamp and
+    records it in `stamps`.
+
+    Under torchrun every rank runs the stage; rank 0 alone decides and writes the stamps,
+    and hands its decision and its stamp to the others (`minidpo.distributed`)."""
+    distributed.barrier()  # rank 0 has written what the stages before wrote
+    start = distributed.from_main(lambda: _start(ctx, stage))
+    if start.stamp is not None:
+        stamps[stage.name] = start.stamp
+        return start.stamp
+    POLICY.refresh()  # training threads: the idle cores now (`minidpo.threads`)
+    try:
+        with measure(ctx.device) as cost:
+            summary = stage.fn(ctx, start.resume)
+    except MinidpoError:  # bad input, found before the stage wrote anything to resume from
+        if start.first and distributed.is_writer():
+            _undo_start(ctx.folder, ctx.paths.stamp(stage.name).with_suffix(".started"))
+        raise
+    distributed.barrier()  # every rank has finished its part
+    stamp = distributed.from_main(lambda: _finish(ctx, stage, start.key, summary, cost))
     stamps[stage.name] = stamp
     return stamp
 

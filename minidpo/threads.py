@@ -14,6 +14,9 @@ So the policy (``--threads auto``, the default):
   window at the start of each stage and again every few hundred steps (`Policy.refresh`),
   with this process's own CPU time taken out, so its own threads never count as busy.
 
+Under torchrun, which sets ``OMP_NUM_THREADS=1`` for its processes unless it is set
+already, each process trains on that many threads.
+
 ``--threads N`` uses N threads everywhere, as does ``OMP_NUM_THREADS`` (the variable
 people already set for torch) when ``--threads`` is not given. On a system without
 ``/proc/stat`` the policy sees every core as idle.

@@ -14,8 +14,9 @@ evaluation instead of its last (early stopping by checkpoint selection, as rewar
 models are usually trained), and that choice resumes exactly too. Whether a run
 resumes is not decided here but by the stage layer (`minidpo.stage`).
 
-Left out: gradient accumulation, mixed precision, distributed training; the
-models here are small enough not to need them.
+Under torchrun the supervised trainers run data-parallel (`minidpo.distributed`: DDP,
+each rank a share of the step's batch, rank 0 the one writer). Left out: gradient
+accumulation and mixed precision; the models here are small enough not to need them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from minidpo import distributed
 from minidpo.atomic import atomic_write_text
 from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
@@ -93,6 +95,8 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, row: dict[str, Any]) -> None:
+        if not distributed.is_writer():  # under torchrun, rank 0 keeps the log
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -191,13 +195,15 @@ def gradient_step(
             g["lr"] = lr
         model.train()
         loss, metrics = loss_fn(model, get_batch(step))
-        check_finite(loss.detach(), "loss", f"{loop.desc}, step {step + 1}")
+        # under torchrun: the mean over the ranks, so that all of them stop together
+        check_finite(distributed.mean(loss.detach()), "loss", f"{loop.desc}, step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = loop.grad_clip if loop.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         check_finite(grad_norm, "gradient norm", f"{loop.desc}, step {step + 1}")
         optimizer.step()
+        metrics = distributed.mean_metrics(metrics)  # the global batch's, under torchrun
         row: dict[str, Any] = {"lr": lr, "grad_norm": float(grad_norm)}
         row.update({f"train/{k}": v for k, v in metrics.items() if k != "tokens"})
         row["tokens"] = int(metrics.get("tokens", 0))
@@ -221,9 +227,13 @@ def train(
     `get_batch(step)` must be a pure function of the step (seeded per step), and
     `loss_fn(model, batch)` returns the scalar loss and a dict of floats to log
     (``tokens`` counts the tokens the step processed, for tokens/s).
+
+    Under torchrun (`minidpo.distributed`) the step runs the model wrapped in DDP, which
+    averages the ranks' gradients: `get_batch` gives this rank's share of the step's
+    batch, and `loss_fn` a loss whose mean over the ranks is the global batch's loss.
     """
     optimizer = make_optimizer(model, loop.lr, loop.weight_decay)
-    step_fn = gradient_step(model, optimizer, loop, get_batch, loss_fn)
+    step_fn = gradient_step(distributed.wrap(model), optimizer, loop, get_batch, loss_fn)
     return run_loop(model, optimizer, step_fn, loop=loop, job=job, **kwargs)
 
 
@@ -244,7 +254,7 @@ class _LoopState:
         self.best: BestWeights | None = None
         if job.resume and ckpt_path.exists():
             self._restore()
-        else:
+        elif distributed.is_writer():
             shutil.rmtree(ckpt_path.parent / "snapshots", ignore_errors=True)  # a fresh run's own
         self.t0 = time.perf_counter()
 
@@ -345,7 +355,7 @@ def run_loop(
     last: dict[str, Any] = dict(log.rows[-1]) if log.rows else {}
     reached, ran = state.start, 0
     bar = progress(range(state.start, loop.steps), desc=loop.desc, initial=state.start,
-                   enabled=job.progress)  # fmt: skip
+                   enabled=job.progress and distributed.is_writer())  # fmt: skip
     for step in bar:
         POLICY.tick(step)  # another process may have started or stopped
         row = {"step": step + 1, **step_fn(step)}
