@@ -26,26 +26,21 @@ from minidpo.sampling import generate
 from minidpo.world import format_prompt, load_world
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--out")
-    a = ap.parse_args()
-    torch.set_num_threads(1)
+def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int = 64) -> dict:
+    """Interleaved medians (seconds) of every way on one thread: {"median_s", "runs_s"}."""
     from transformers import AutoModelForCausalLM
 
-    model, tok = load_policy(a.checkpoint)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok = load_policy(checkpoint)
     prompt = tok.encode(format_prompt(load_world().prompts("eval")[0].text))
-    prompts = [prompt] * a.batch  # one prompt: the unpadded case (GRPO groups, Best-of-N)
+    prompts = [prompt] * batch  # one prompt: the unpadded case (GRPO groups, Best-of-N)
     # eot_id 0 (byte 0x00, never sampled): every row runs all new tokens, as transformers'
     # does with min_new_tokens, so every way does the same work
-    kw = dict(max_new_tokens=a.new_tokens, eot_id=0, seeds=list(range(a.batch)),
+    kw = dict(max_new_tokens=new_tokens, eot_id=0, seeds=list(range(batch)),
               temperature=1.0, top_k=None)  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
-        export_hf(a.checkpoint, Path(d) / "hf")
+        export_hf(checkpoint, Path(d) / "hf")
         hf = AutoModelForCausalLM.from_pretrained(Path(d) / "hf").eval()
     ids = torch.tensor(prompts)
     ways = {
@@ -56,25 +51,39 @@ def main() -> int:
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=True,
-            max_new_tokens=a.new_tokens,
-            min_new_tokens=a.new_tokens,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
             pad_token_id=tok.eot_id,
         ),
     }
     times: dict[str, list[float]] = {k: [] for k in ways}
     with torch.no_grad():
-        for _ in range(a.repeat):
+        for _ in range(repeat):
             for name, fn in ways.items():
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    torch.set_num_threads(before)
+    return {"median_s": {k: statistics.median(v) for k, v in times.items()}, "runs_s": times}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    result = measure(a.checkpoint, a.repeat, a.batch, a.new_tokens)
+    med = result["median_s"]
     base = med["minidpo generate"]
     for k, v in med.items():
         print(f"{k:<24} {v * 1000:8.1f} ms   {v / base:5.2f}x minidpo's")
     if a.out:
-        Path(a.out).write_text(json.dumps({"command": " ".join(sys.argv), "median_s": med,
-                                           "runs_s": times}, indent=2) + "\n")  # fmt: skip
+        Path(a.out).write_text(
+            json.dumps({"command": " ".join(sys.argv), **result}, indent=2) + "\n"
+        )
     return 0
 
 

@@ -1,37 +1,42 @@
-"""Wall time of every stage of the pipeline (and of the sweep), against the targets.
+"""The performance benchmark: the pipeline quiet and with one core busy, under each thread
+setting, and the step and sampling ratios, into one JSON.
 
-    python scripts/benchmark.py [--preset cpu] [--name bench] [--repeat 3] [--sweep] [--out FILE.json]
+    python scripts/benchmark.py [--preset cpu] [--configs quiet:auto,busy:auto,quiet:1,quiet:2]
+                                [--repeat 1] [--micro] [--sweep] [--out FILE.json]
 
-Runs `minidpo pipeline` `--repeat` times, each in a fresh run folder (removed first:
-a benchmark measures a cold run, set-up excluded), reads each stage's wall time and
-peak memory from the stamps it wrote and SFT's training seconds from its summary,
-and prints the median of every number over the repeats beside the targets: SFT
-training in 120 s or less, the whole default pipeline in 5 minutes or less. With
---sweep, `minidpo sweep` then runs once on the last pipeline's folder (target: 30
-minutes). Run it on a quiet machine: on 2 cores, anything else running slows torch
-several-fold.
+Each config is LOAD:THREADS. LOAD ``busy`` starts a busy-loop process (one core spinning,
+started and stopped by this script) for the run; THREADS is passed as ``--threads``
+(``auto``: the default policy of `minidpo.threads`). Every config runs `minidpo pipeline`
+`--repeat` times, interleaved (config after config, then again), each in a fresh run
+folder (removed first: a benchmark measures a cold run, set-up excluded), and reads each
+stage's wall time and peak memory from the stamps it wrote and SFT's training seconds
+from its summary. It prints the medians beside the targets: the whole default pipeline
+in 5 minutes or less and SFT training in 120 s (quiet, auto), the pipeline with one core
+busy at most 1.5x its quiet time, and the quiet auto time within 15 % of the best quiet
+setting. ``--micro`` adds, on the last run's SFT policy, a training step beside
+transformers' GPT-2 and a DPO step beside an SFT step on the same rows
+(`bench_steps.py`), and sampling with the KV cache beside no cache and transformers'
+generate (`bench_generate.py`). With ``--sweep``, `minidpo sweep` then runs once on the
+last pipeline's folder (target: 30 minutes). Run it on a quiet machine: on 2 cores,
+anything else running slows torch several-fold.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-# (printed name, result key, target seconds, the per-run key of `one_pipeline` or None)
-TARGETS = [
-    ("sft training", "sft_train_s", 120.0, "sft_train_s"),
-    ("pipeline", "pipeline_wall_s", 300.0, "wall_s"),
-    ("sweep", "sweep_wall_s", 1800.0, None),
-]
 
 
 def stage_costs(folder: Path) -> dict[str, dict]:
@@ -44,8 +49,26 @@ def stage_costs(folder: Path) -> dict[str, dict]:
 
 def timed(cmd: list[str]) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # --threads decides
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def load(kind: str) -> Iterator[None]:
+    """``busy``: one process spinning on a core for the block; ``quiet``: nothing."""
+    if kind not in ("quiet", "busy"):
+        raise SystemExit(f"benchmark: a config's load is quiet or busy, got {kind!r}")
+    spin = None
+    if kind == "busy":
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(1.0)  # running before the pipeline looks at the idle cores
+    try:
+        yield
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
 
 
 def one_pipeline(base: list[str], common: list[str], folder: Path) -> dict:
@@ -56,52 +79,126 @@ def one_pipeline(base: list[str], common: list[str], folder: Path) -> dict:
     return {"wall_s": wall, "sft_train_s": sft["wall_s"], "stages": stage_costs(folder)}
 
 
+def summarize(reps: list[dict]) -> dict:
+    """Medians over the repeats of one config: the pipeline, SFT training, each stage."""
+    return {
+        "pipeline_wall_s": statistics.median(r["wall_s"] for r in reps),
+        "sft_train_s": statistics.median(r["sft_train_s"] for r in reps),
+        "runs_wall_s": [r["wall_s"] for r in reps],
+        "stages": {
+            name: {
+                "wall_s": statistics.median(r["stages"][name]["wall_s"] for r in reps),
+                "peak_rss_mb": max(r["stages"][name]["peak_rss_mb"] or 0 for r in reps),
+            }
+            for name in reps[-1]["stages"]
+        },
+    }
+
+
+def thread_ratios(configs: dict[str, dict]) -> dict[str, float]:
+    """Each config's pipeline time over quiet:auto's, and the two targets' ratios."""
+    wall = {c: r["pipeline_wall_s"] for c, r in configs.items()}
+    if "quiet:auto" not in wall:
+        return {}
+    out = {f"pipeline {c} / quiet:auto": w / wall["quiet:auto"] for c, w in wall.items()}
+    quiet = [w for c, w in wall.items() if c.startswith("quiet:")]
+    out["pipeline quiet:auto / best quiet"] = wall["quiet:auto"] / min(quiet)
+    return out
+
+
+def micro(checkpoint: Path, repeat: int) -> tuple[dict, dict, dict[str, float]]:
+    """The step and sampling benchmarks on `checkpoint`, and their ratios."""
+    import bench_generate
+    import bench_steps
+
+    args = bench_steps.parser().parse_args(["--checkpoint", str(checkpoint), "--repeat",
+                                            str(repeat)])  # fmt: skip
+    steps = bench_steps.measure(args)
+    gen = bench_generate.measure(str(checkpoint), repeat=repeat)
+    g = gen["median_s"]
+    ratios = {
+        "sft step / transformers GPT-2 step": steps["ratios"]["minidpo sft step / reference"],
+        "dpo step / sft step on the same rows": steps["ratios"][
+            "dpo step / sft step on the same 2B rows"
+        ],
+        "sampling: no cache / kv cache": g["no cache"] / g["minidpo generate"],
+        "sampling: transformers generate / minidpo": g["transformers generate"]
+        / g["minidpo generate"],
+        "sampling: previous loop / minidpo": g["previous loop"] / g["minidpo generate"],
+    }
+    return steps, gen, ratios
+
+
+def verdicts(result: dict) -> list[str]:
+    """One line per target: the measured value, the target, met or MISSED."""
+    rows, quiet = [], result["configs"].get("quiet:auto")
+    ratios = result["ratios"]
+    checks = [
+        ("sft training, quiet:auto", quiet and quiet["sft_train_s"], 120.0, "s"),
+        ("pipeline, quiet:auto", quiet and quiet["pipeline_wall_s"], 300.0, "s"),
+        ("pipeline busy:auto / quiet:auto", ratios.get("pipeline busy:auto / quiet:auto"), 1.5, "x"),
+        ("pipeline quiet:auto / best quiet", ratios.get("pipeline quiet:auto / best quiet"), 1.15,
+         "x"),
+        ("sweep", result.get("sweep_wall_s"), 1800.0, "s"),
+    ]  # fmt: skip
+    for what, value, target, unit in checks:
+        if value is not None:
+            verdict = "met" if value <= target else "MISSED"
+            rows.append(f"{what}: {value:.2f}{unit} (target {target:g}{unit}: {verdict})")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu")
     p.add_argument("--name", default="bench")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--repeat", type=int, default=3, help="cold pipeline runs (medians reported)")
+    p.add_argument("--configs", default="quiet:auto", help="LOAD:THREADS,... (see above)")
+    p.add_argument("--repeat", type=int, default=1, help="cold pipeline runs per config")
+    p.add_argument("--micro", action="store_true", help="also the step and sampling ratios")
+    p.add_argument("--micro-repeat", type=int, default=9)
     p.add_argument("--sweep", action="store_true", help="also time the frontier sweep (once)")
     p.add_argument("--out", help="write the measurements as JSON here")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error(f"--repeat: must be >= 1, got {args.repeat}")
+    configs = args.configs.split(",")
+    for c in configs:
+        if c.count(":") != 1 or c.split(":")[0] not in ("quiet", "busy"):
+            p.error(f"--configs: {c!r} is not LOAD:THREADS with LOAD quiet or busy")
     folder = Path(args.runs_dir) / args.name
     base = [sys.executable, "-m", "minidpo"]
     common = ["--preset", args.preset, "--name", args.name, "--runs-dir", args.runs_dir]
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for _ in range(args.repeat):  # interleaved: every config, then again
+        for c in configs:
+            kind, threads = c.split(":")
+            with load(kind):
+                runs[c].append(one_pipeline(base, [*common, "--threads", threads], folder))
     result: dict = {
+        "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "preset": args.preset,
-        "repeats": [one_pipeline(base, common, folder) for _ in range(args.repeat)],
+        "configs": {c: summarize(r) for c, r in runs.items()},
     }
-    reps = result["repeats"]
-    result["pipeline_wall_s"] = statistics.median(r["wall_s"] for r in reps)
-    result["sft_train_s"] = statistics.median(r["sft_train_s"] for r in reps)
-    result["pipeline_stages"] = {
-        name: {
-            "wall_s": statistics.median(r["stages"][name]["wall_s"] for r in reps),
-            "peak_rss_mb": max(r["stages"][name]["peak_rss_mb"] or 0 for r in reps),
-        }
-        for name in reps[-1]["stages"]
-    }
+    result["ratios"] = thread_ratios(result["configs"])
+    if args.micro:
+        steps, gen, ratios = micro(folder / "sft" / "checkpoint.pt", args.micro_repeat)
+        result.update(steps=steps, generation=gen)
+        result["ratios"].update(ratios)
     if args.sweep:
         result["sweep_wall_s"] = timed([*base, "sweep", *common])
         timing = json.loads((folder / "sweep" / "timing.json").read_text())
         result["sweep_stages"] = timing["stages"]
-    n = len(reps)
-    rows = [f"{'stage':<40} {'median wall (s)':>16} {'peak RSS (MB)':>14}   ({n} cold runs)"]
-    for name, c in result["pipeline_stages"].items():
-        rows.append(f"{name:<40} {c['wall_s']:>16.1f} {c['peak_rss_mb']:>14.0f}")
-    for what, key, target, per_run in TARGETS:
-        if key in result:
-            wall = result[key]
-            verdict = "met" if wall <= target else "MISSED"
-            runs = f", runs: {', '.join(f'{r[per_run]:.0f}' for r in reps)}" if per_run else ""
-            rows.append(f"{what}: {wall:.0f} s (target {target:.0f} s: {verdict}{runs})")
-    print("\n".join(rows))
+    rows = [
+        f"{'config':<14} {'pipeline (s)':>13} {'sft train (s)':>14}   ({args.repeat} cold runs)"
+    ]
+    for c, r in result["configs"].items():
+        rows.append(f"{c:<14} {r['pipeline_wall_s']:>13.1f} {r['sft_train_s']:>14.1f}")
+    rows += [f"{k}: {v:.2f}x" for k, v in result["ratios"].items()]
+    print("\n".join(rows + verdicts(result)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
