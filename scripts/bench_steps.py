@@ -56,8 +56,12 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10"
 
 
 def reference_model(checkpoint: Path):
-    """transformers' GPT2LMHeadModel with the checkpoint's weights (minidpo's export)."""
-    from transformers import AutoModelForCausalLM
+    """transformers' GPT2LMHeadModel with the checkpoint's weights (minidpo's export), or
+    None where transformers is not installed (the `hf` extra)."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
 
     from minidpo.export import export_hf
 
@@ -91,8 +95,11 @@ def ways(checkpoint: Path, batch: int, seq: int, device: str, bf16: bool, compil
     torch.manual_seed(0)
     model = load_policy(checkpoint, device)[0]
     cfg = model.config
-    ref = reference_model(checkpoint).to(device)
-    fast = (torch.compile(model), torch.compile(ref)) if compile_ else (model, ref)
+    ref = reference_model(checkpoint)
+    ref = ref.to(device) if ref is not None else None
+    fast = (model, ref)
+    if compile_:
+        fast = (torch.compile(model), ref and torch.compile(ref))
     auto = (
         (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     )
@@ -116,16 +123,14 @@ def ways(checkpoint: Path, batch: int, seq: int, device: str, bf16: bool, compil
         ).losses.mean()
 
     opt_m = make_optimizer(model, 1e-4, 0.1)
-    opt_r = make_optimizer(ref, 1e-4, 0.1)
-    return {
-        "minidpo sft step": (step(model, opt_m, lambda: lm(fast[0], batch)), batch * seq),
-        "reference sft step": (step(ref, opt_r, lambda: lm(fast[1], batch)), batch * seq),
-        "minidpo dpo step": (step(model, opt_m, dpo), 2 * batch * seq),
-        "minidpo sft step, 2B": (
-            step(model, opt_m, lambda: lm(fast[0], 2 * batch)),
-            2 * batch * seq,
-        ),
-    }, model
+    table = {"minidpo sft step": (step(model, opt_m, lambda: lm(fast[0], batch)), batch * seq)}
+    if ref is not None:
+        opt_r = make_optimizer(ref, 1e-4, 0.1)
+        table["reference sft step"] = (step(ref, opt_r, lambda: lm(fast[1], batch)), batch * seq)
+    table["minidpo dpo step"] = (step(model, opt_m, dpo), 2 * batch * seq)
+    table["minidpo sft step, 2B"] = (step(model, opt_m, lambda: lm(fast[0], 2 * batch)),
+                                     2 * batch * seq)  # fmt: skip
+    return table, model
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -163,12 +168,16 @@ def measure(args: argparse.Namespace) -> dict:
         tps = tokens / med
         mfu = tps * fpt / (peak * 1e12) if peak else None
         out["ways"][way] = {"median_s": med, "tokens_per_s": tps, "mfu": mfu, "runs_s": times[way]}
-    w = out["ways"]
+    med = {way: r["median_s"] for way, r in out["ways"].items()}
     out["ratios"] = {
-        "minidpo sft step / reference": w["minidpo sft step"]["median_s"]
-        / w["reference sft step"]["median_s"],
-        "dpo step / sft step on the same 2B rows": w["minidpo dpo step"]["median_s"]
-        / w["minidpo sft step, 2B"]["median_s"],
+        "minidpo sft step / reference": (
+            med["minidpo sft step"] / med["reference sft step"]
+            if "reference sft step" in med
+            else None
+        ),
+        "dpo step / sft step on the same 2B rows": (
+            med["minidpo dpo step"] / med["minidpo sft step, 2B"]
+        ),
     }
     return out
 
@@ -180,7 +189,7 @@ def report(out: dict) -> str:
         rows.append(
             f"{way:<24} {r['median_s'] * 1e3:9.2f} ms  {r['tokens_per_s']:>12,.0f} tok/s{mfu}"
         )
-    rows += [f"{k}: {v:.2f}x" for k, v in out["ratios"].items()]
+    rows += [f"{k}: {v:.2f}x" for k, v in out["ratios"].items() if v is not None]
     return "\n".join(rows)
 
 
