@@ -96,11 +96,6 @@ def setup(device: str) -> None:
         sys.stdout = open(os.devnull, "w")  # one report: rank 0's
 
 
-def local_world() -> int:
-    """Processes of this run on this machine (torchrun's ``LOCAL_WORLD_SIZE``)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world()))) if world() > 1 else 1
-
-
 def shard(rows: T) -> T:
     """This rank's rows of a step's global batch (a contiguous 1/N of an index array or
     a list); all of them in one process."""
