@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minidpo import __version__, distributed, threads
+from minidpo import __version__, allocator, distributed, threads
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
@@ -602,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         distributed.check_command(args.command)  # under torchrun: sft, dpo and rm only
+        allocator.keep_freed_memory()  # freed tensors' pages reused, not faulted in again
         threads.configure(getattr(args, "threads", None) or "auto")
         distributed.setup(getattr(args, "device", None) or "auto")
         return args.handler(args)

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_model import _generate_before  # the previous loop, kept as a reference
 
+from minidpo.allocator import keep_freed_memory
 from minidpo.export import export_hf
 from minidpo.policy import load_policy
 from minidpo.sampling import generate
@@ -75,6 +76,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out")
     a = ap.parse_args()
+    keep_freed_memory()  # as the command line does
     result = measure(a.checkpoint, a.repeat, a.batch, a.new_tokens)
     med = result["median_s"]
     base = med["minidpo generate"]

@@ -42,6 +42,7 @@ try:
 except ImportError:  # run as a plain script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minidpo.allocator import keep_freed_memory
 from minidpo.batching import Batch
 from minidpo.checkpoints import load_checkpoint
 from minidpo.logprobs import concatenated_logprobs
@@ -210,6 +211,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_freed_memory()  # as the command line does
     out = measure(args)
     print(report(out))
     if args.out:

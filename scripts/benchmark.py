@@ -4,9 +4,11 @@ setting, and the step and sampling ratios, into one JSON.
     python scripts/benchmark.py [--preset cpu] [--configs quiet:auto,busy:auto,quiet:1,quiet:2]
                                 [--repeat 1] [--micro] [--sweep] [--out FILE.json]
 
-Each config is LOAD:THREADS. LOAD ``busy`` starts a busy-loop process (one core spinning,
-started and stopped by this script) for the run; THREADS is passed as ``--threads``
-(``auto``: the default policy of `minidpo.threads`). Every config runs `minidpo pipeline`
+Each config is LOAD:THREADS[:glibc]. LOAD ``busy`` starts a busy-loop process (one core
+spinning, started and stopped by this script) for the run; THREADS is passed as
+``--threads`` (``auto``: the default policy of `minidpo.threads`); a third part
+``glibc`` runs with ``MINIDPO_MALLOC=default`` (glibc's malloc as it comes, not
+`minidpo.allocator`'s setting: the before of that change). Every config runs `minidpo pipeline`
 `--repeat` times, interleaved (config after config, then again), each in a fresh run
 folder (removed first: a benchmark measures a cold run, set-up excluded), and reads each
 stage's wall time and peak memory from the stamps it wrote and SFT's training seconds
@@ -15,8 +17,9 @@ in 5 minutes or less and SFT training in 120 s (quiet, auto), the pipeline with 
 busy at most 1.5x its quiet time, and the quiet auto time within 15 % of the best quiet
 setting. ``--micro`` adds, on the last run's SFT policy, a training step beside
 transformers' GPT-2 and a DPO step beside an SFT step on the same rows
-(`bench_steps.py`), and sampling with the KV cache beside no cache and transformers'
-generate (`bench_generate.py`). With ``--sweep``, `minidpo sweep` then runs once on the
+(`bench_steps.py`), sampling with the KV cache beside no cache and transformers'
+generate (`bench_generate.py`), and both with glibc's malloc as it comes against
+`minidpo.allocator`'s setting (`bench_allocator.py`). With ``--sweep``, `minidpo sweep` then runs once on the
 last pipeline's folder (target: 30 minutes). Run it on a quiet machine: on 2 cores,
 anything else running slows torch several-fold.
 """
@@ -38,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from minidpo.allocator import keep_freed_memory
+
 
 def stage_costs(folder: Path) -> dict[str, dict]:
     """Stage name -> cost dict, from the stamps in ``stages/``."""
@@ -47,9 +52,10 @@ def stage_costs(folder: Path) -> dict[str, dict]:
     return out
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], malloc: str = "keep") -> float:
     t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # --threads decides
+    env["MINIDPO_MALLOC"] = malloc
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
@@ -71,10 +77,10 @@ def load(kind: str) -> Iterator[None]:
             spin.wait()
 
 
-def one_pipeline(base: list[str], common: list[str], folder: Path) -> dict:
+def one_pipeline(base: list[str], common: list[str], folder: Path, malloc: str) -> dict:
     """One cold pipeline run: total wall, per-stage costs, SFT's training seconds."""
     shutil.rmtree(folder, ignore_errors=True)
-    wall = timed([*base, "pipeline", *common])
+    wall = timed([*base, "pipeline", *common], malloc)
     sft = json.loads((folder / "sft" / "summary.json").read_text())
     return {"wall_s": wall, "sft_train_s": sft["wall_s"], "stages": stage_costs(folder)}
 
@@ -101,13 +107,18 @@ def thread_ratios(configs: dict[str, dict]) -> dict[str, float]:
     if "quiet:auto" not in wall:
         return {}
     out = {f"pipeline {c} / quiet:auto": w / wall["quiet:auto"] for c, w in wall.items()}
-    quiet = [w for c, w in wall.items() if c.startswith("quiet:")]
+    if "busy:auto:glibc" in wall and "quiet:auto:glibc" in wall:
+        out["pipeline busy:auto:glibc / quiet:auto:glibc"] = (
+            wall["busy:auto:glibc"] / wall["quiet:auto:glibc"]
+        )
+    quiet = [w for c, w in wall.items() if c.startswith("quiet:") and c.count(":") == 1]
     out["pipeline quiet:auto / best quiet"] = wall["quiet:auto"] / min(quiet)
     return out
 
 
 def micro(checkpoint: Path, repeat: int) -> tuple[dict, dict, dict[str, float]]:
     """The step and sampling benchmarks on `checkpoint`, and their ratios."""
+    import bench_allocator
     import bench_generate
     import bench_steps
 
@@ -126,7 +137,9 @@ def micro(checkpoint: Path, repeat: int) -> tuple[dict, dict, dict[str, float]]:
         / g["minidpo generate"],
         "sampling: previous loop / minidpo": g["previous loop"] / g["minidpo generate"],
     }
-    return steps, gen, ratios
+    alloc = bench_allocator.measure(str(checkpoint), repeat=repeat)
+    ratios.update({f"allocator, {k}": v for k, v in alloc["ratios"].items()})
+    return steps, {**gen, "allocator": alloc}, ratios
 
 
 def verdicts(result: dict) -> list[str]:
@@ -153,28 +166,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cpu")
     p.add_argument("--name", default="bench")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--configs", default="quiet:auto", help="LOAD:THREADS,... (see above)")
+    p.add_argument("--configs", default="quiet:auto", help="LOAD:THREADS[:glibc],... (see above)")
     p.add_argument("--repeat", type=int, default=1, help="cold pipeline runs per config")
     p.add_argument("--micro", action="store_true", help="also the step and sampling ratios")
     p.add_argument("--micro-repeat", type=int, default=9)
     p.add_argument("--sweep", action="store_true", help="also time the frontier sweep (once)")
     p.add_argument("--out", help="write the measurements as JSON here")
     args = p.parse_args(argv)
+    keep_freed_memory()  # the micro benchmarks run in this process: as the command line does
     if args.repeat < 1:
         p.error(f"--repeat: must be >= 1, got {args.repeat}")
     configs = args.configs.split(",")
     for c in configs:
-        if c.count(":") != 1 or c.split(":")[0] not in ("quiet", "busy"):
-            p.error(f"--configs: {c!r} is not LOAD:THREADS with LOAD quiet or busy")
+        parts = c.split(":")
+        glibc = parts[2:] in ([], ["glibc"])
+        if len(parts) not in (2, 3) or parts[0] not in ("quiet", "busy") or not glibc:
+            p.error(f"--configs: {c!r} is not LOAD:THREADS[:glibc] with LOAD quiet or busy")
     folder = Path(args.runs_dir) / args.name
     base = [sys.executable, "-m", "minidpo"]
     common = ["--preset", args.preset, "--name", args.name, "--runs-dir", args.runs_dir]
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for _ in range(args.repeat):  # interleaved: every config, then again
         for c in configs:
-            kind, threads = c.split(":")
+            kind, threads, *glibc = c.split(":")
+            malloc = "default" if glibc else "keep"
             with load(kind):
-                runs[c].append(one_pipeline(base, [*common, "--threads", threads], folder))
+                runs[c].append(one_pipeline(base, [*common, "--threads", threads], folder, malloc))
     result: dict = {
         "command": " ".join(["python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),
