@@ -288,7 +288,7 @@ def sample_responses(
     model.eval()
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        with threads.sampling():  # dispatch-bound: 1 thread under the policy
+        with threads.sampling():  # the idle cores under the policy (minidpo.threads)
             ids = generate(model, encoded[chunk], max_new_tokens=max_new_tokens,
                            eot_id=tok.eot_id, seeds=[int(s) for s in seeds[chunk]],
                            temperature=temperature, top_k=top_k or None)  # fmt: skip

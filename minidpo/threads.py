@@ -1,18 +1,21 @@
 """How many threads torch uses: a policy measured on a 2-core machine, not guessed.
 
 What it rests on (measured side by side on a 2-core machine when issue 15 was filed;
-the end-to-end benchmark of the policy itself has not run yet):
+the policy's own end-to-end measurement, ``scripts/benchmark.py``, is in the README):
 - training steps run 1.6-1.8 times faster on 2 threads than on 1 on a quiet machine, but
   3.5 times slower when another process keeps one core busy: torch's threads wait for
   each other at every operation, and one of them waits for the busy core;
-- batched sampling is dispatch-bound (many small operations per token): 2 threads gain
-  only 1.08x quiet and lose 4.6x busy.
+- batched sampling lost 4.6x on 2 threads with a core busy. Quiet, 2 threads gained only
+  1.08x then, which made the first policy sample on 1 thread; once the allocator stopped
+  the page faults (`minidpo.allocator`), the benchmark's quiet pipeline on 2 threads
+  everywhere beat it by 1.23x, most of it in the sampling stages (evaluation 84 s
+  against 126 s), so sampling now follows the same rule as training.
 
-So the policy (``--threads auto``, the default):
-- sampling phases (`sampling_threads`, every ``sample_responses``) run on 1 thread;
-- training runs on every core that is idle, measured from ``/proc/stat`` over a short
-  window at the start of each stage and again every few hundred steps (`Policy.refresh`),
-  with this process's own CPU time taken out, so its own threads never count as busy.
+So the policy (``--threads auto``, the default): training and sampling phases
+(`sampling_threads`, every ``sample_responses``) run on every core that is idle,
+measured from ``/proc/stat`` over a short window at the start of each stage and again
+every few hundred steps (`Policy.refresh`) or at each sampling phase, with this
+process's own CPU time taken out, so its own threads never count as busy.
 
 Under torchrun, which sets ``OMP_NUM_THREADS=1`` for its processes unless it is set
 already, each process trains on that many threads.
@@ -131,7 +134,9 @@ class Policy:
             self.refresh()
 
     def sampling_threads(self) -> int:
-        return self.fixed if self.fixed is not None else 1
+        """Threads for a sampling phase: as for training, the idle cores (measured once
+        if there is no measurement yet)."""
+        return self.training_threads(wait=self._last is None)
 
 
 POLICY = Policy(fixed=None)

@@ -54,12 +54,25 @@ def test_fixed_count_and_the_environment(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_sampling_phase_runs_on_one_thread_then_restores():
+@pytest.mark.parametrize("busy, expected", [(100, 1), (0, 2)], ids=["one-busy", "quiet"])
+def test_sampling_phase_takes_the_idle_cores_then_restores(monkeypatch, busy, expected):
     before = torch.get_num_threads()
-    threads.configure("auto")
-    with threads.sampling():
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    # two looks at /proc/stat 1 s apart on 2 cores (200 jiffies): `busy` of them taken
+    looks = iter([_Snapshot(0, 0, (0, 0)), _Snapshot(1, 0, (busy, 200))])
+    monkeypatch.setattr(threads, "_snapshot", lambda: next(looks))
+    monkeypatch.setattr(threads, "WINDOW_S", 0.0)
+    monkeypatch.setattr(threads.POLICY, "cores", 2)
+    try:
+        threads.configure("auto")
+        with threads.sampling():
+            assert torch.get_num_threads() == expected
+        assert torch.get_num_threads() == before
+        threads.configure("3")
+        with threads.sampling():  # a fixed count is used everywhere
+            assert torch.get_num_threads() == 3
+    finally:
+        threads.configure("auto")
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
