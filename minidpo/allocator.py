@@ -4,9 +4,10 @@ Why: every training step and every sampled token allocates tensors of 0.1-30 MB 
 frees them again. glibc serves a block above its mmap threshold with freshly mapped
 pages and unmaps it on free, and gives the top of its heap back to the kernel once more
 than its trim threshold is free; so each step's tensors land on new pages, and the
-kernel zero-fills every 4 KiB page on its first touch (a page fault). On a small virtual
-machine those faults were a fifth to a quarter of batched sampling's time (measured by
-``scripts/bench_allocator.py``; the numbers are in the README). The usual cure in this
+kernel zero-fills every 4 KiB page on its first touch (a page fault). On a 2-core
+virtual machine a DPO step took 1.49x as long and the whole pipeline 1.21x with glibc as
+it comes (``scripts/bench_allocator.py``, ``scripts/benchmark.py``; the README has the
+runs). The usual cure in this
 field is to preload jemalloc or tcmalloc; this is the same effect without a new
 dependency.
 
@@ -44,7 +45,8 @@ def mode(environ: dict[str, str] | None = None) -> str:
 
 
 def keep_freed_memory(environ: dict[str, str] | None = None) -> bool:
-    """Raise glibc's mmap and trim thresholds (once per process); True when applied."""
+    """Raise glibc's mmap and trim thresholds for this process (calling it again changes
+    nothing); True when applied."""
     if mode(environ) == "default" or platform.system() != "Linux":
         return False
     if platform.libc_ver()[0] != "glibc":

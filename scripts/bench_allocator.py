@@ -47,19 +47,14 @@ def _worker(conn, setting: str, checkpoint: str) -> None:
 
     applied = keep_freed_memory()
     import torch
+    from bench_generate import workload
     from bench_steps import ways as step_ways
     from test_model import _generate_before
 
     from minidpo.checkpoints import load_checkpoint
-    from minidpo.policy import load_policy
     from minidpo.sampling import generate
-    from minidpo.world import format_prompt, load_world
 
-    model, tok = load_policy(checkpoint)
-    prompt = tok.encode(format_prompt(load_world().prompts("eval")[0].text))
-    prompts = [prompt] * 64
-    # eot_id 0 (never sampled): every row runs all 64 new tokens
-    kw = dict(max_new_tokens=64, eot_id=0, seeds=list(range(64)), temperature=1.0, top_k=None)
+    model, _, prompts, kw = workload(checkpoint)
     batch = int(load_checkpoint(checkpoint, kind="policy")["stage_config"]["sft"]["batch_size"])
     steps, _ = step_ways(Path(checkpoint), batch, 64, "cpu", False, False)
     cores = os.cpu_count() or 1

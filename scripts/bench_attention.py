@@ -22,12 +22,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_generate import workload
 
 import minidpo.model as model_module
 from minidpo.allocator import keep_freed_memory
-from minidpo.policy import load_policy
 from minidpo.sampling import generate
-from minidpo.world import format_prompt, load_world
 
 SDPA = F.scaled_dot_product_attention
 
@@ -52,9 +51,7 @@ def main() -> int:
     a = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(1)
-    model, tok = load_policy(a.checkpoint)
-    prompt = tok.encode(format_prompt(load_world().prompts("eval")[0].text))
-    kw = dict(max_new_tokens=64, eot_id=0, seeds=list(range(64)), temperature=1.0, top_k=None)
+    model, _, prompts, kw = workload(a.checkpoint)
     ways = {"sdpa": SDPA, "contiguous query": contiguous_query, "matmul": matmul}
     times: dict[str, list[float]] = {w: [] for w in ways}
     tokens = {}
@@ -63,7 +60,7 @@ def main() -> int:
             for name, fn in ways.items():
                 model_module.F.scaled_dot_product_attention = fn
                 t0 = time.perf_counter()
-                tokens[name] = generate(model, [prompt] * 64, **kw)
+                tokens[name] = generate(model, prompts, **kw)
                 times[name].append(time.perf_counter() - t0)
     finally:
         model_module.F.scaled_dot_product_attention = SDPA

@@ -27,12 +27,8 @@ from minidpo.sampling import generate
 from minidpo.world import format_prompt, load_world
 
 
-def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int = 64) -> dict:
-    """Interleaved medians (seconds) of every way on one thread: {"median_s", "runs_s"}."""
-    from transformers import AutoModelForCausalLM
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def workload(checkpoint: str, batch: int = 64, new_tokens: int = 64):
+    """(model, tokenizer, prompts, generate's keywords): the sampling every benchmark times."""
     model, tok = load_policy(checkpoint)
     prompt = tok.encode(format_prompt(load_world().prompts("eval")[0].text))
     prompts = [prompt] * batch  # one prompt: the unpadded case (GRPO groups, Best-of-N)
@@ -40,6 +36,16 @@ def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int =
     # does with min_new_tokens, so every way does the same work
     kw = dict(max_new_tokens=new_tokens, eot_id=0, seeds=list(range(batch)),
               temperature=1.0, top_k=None)  # fmt: skip
+    return model, tok, prompts, kw
+
+
+def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int = 64) -> dict:
+    """Interleaved medians (seconds) of every way on one thread: {"median_s", "runs_s"}."""
+    from transformers import AutoModelForCausalLM
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model, tok, prompts, kw = workload(checkpoint, batch, new_tokens)
     with tempfile.TemporaryDirectory() as d:
         export_hf(checkpoint, Path(d) / "hf")
         hf = AutoModelForCausalLM.from_pretrained(Path(d) / "hf").eval()

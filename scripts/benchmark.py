@@ -8,8 +8,8 @@ Each config is LOAD:THREADS[:glibc]. LOAD ``busy`` starts a busy-loop process (o
 spinning, started and stopped by this script) for the run; THREADS is passed as
 ``--threads`` (``auto``: the default policy of `minidpo.threads`); a third part
 ``glibc`` runs with ``MINIDPO_MALLOC=default`` (glibc's malloc as it comes, not
-`minidpo.allocator`'s setting: the before of that change). Every config runs `minidpo pipeline`
-`--repeat` times, interleaved (config after config, then again), each in a fresh run
+`minidpo.allocator`'s setting: the before of that change). Every config runs
+`minidpo pipeline` `--repeat` times, interleaved (config after config, then again), each in a fresh run
 folder (removed first: a benchmark measures a cold run, set-up excluded), and reads each
 stage's wall time and peak memory from the stamps it wrote and SFT's training seconds
 from its summary. It prints the medians beside the targets: the whole default pipeline
@@ -19,8 +19,8 @@ setting. ``--micro`` adds, on the last run's SFT policy, a training step beside
 transformers' GPT-2 and a DPO step beside an SFT step on the same rows
 (`bench_steps.py`), sampling with the KV cache beside no cache and transformers'
 generate (`bench_generate.py`), and both with glibc's malloc as it comes against
-`minidpo.allocator`'s setting (`bench_allocator.py`). With ``--sweep``, `minidpo sweep` then runs once on the
-last pipeline's folder (target: 30 minutes). Run it on a quiet machine: on 2 cores,
+`minidpo.allocator`'s setting (`bench_allocator.py`). With ``--sweep``, `minidpo sweep`
+then runs once on the last pipeline's folder (target: 30 minutes). Run it on a quiet machine: on 2 cores,
 anything else running slows torch several-fold.
 """
 
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = args.configs.split(",")
     for c in configs:
         parts = c.split(":")
-        glibc = parts[2:] in ([], ["glibc"])
-        if len(parts) not in (2, 3) or parts[0] not in ("quiet", "busy") or not glibc:
+        tail_ok = parts[2:] in ([], ["glibc"])
+        if len(parts) not in (2, 3) or parts[0] not in ("quiet", "busy") or not tail_ok:
             p.error(f"--configs: {c!r} is not LOAD:THREADS[:glibc] with LOAD quiet or busy")
     folder = Path(args.runs_dir) / args.name
     base = [sys.executable, "-m", "minidpo"]
