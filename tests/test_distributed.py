@@ -169,3 +169,21 @@ def test_a_malformed_world_size_is_bad_input(monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == (
         "minidpo: error: WORLD_SIZE: must be a whole number >= 1, got 'two'"
     )
+
+
+def test_a_rank_ends_with_its_code_after_the_exit_work(tmp_path):
+    """`end_process` skips the C++ destructors but not Python's exit work: the atexit
+    handlers run (the lock's release is one), buffered output is flushed, the code kept."""
+    marker = tmp_path / "atexit-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from minidpo import distributed\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "sys.stdout.write('unflushed')\n"
+        "distributed.end_process(3)\n"
+        "print('not reached')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "unflushed" and marker.read_text() == "yes"
