@@ -599,13 +599,13 @@ REFUSED_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCE
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `minidpo` console script and `python -m minidpo`."""
     args = build_parser().parse_args(argv)
-    code = _run(args)
+    code = _dispatch(args)
     if distributed.joined():  # a torchrun rank: ends here (see `distributed.end_process`)
         distributed.end_process(code)
     return code
 
 
-def _run(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace) -> int:
     """The command `args` names, its bad input one line on stderr and exit code 2."""
     try:
         distributed.check_command(args.command)  # under torchrun: sft, dpo and rm only
