@@ -189,8 +189,9 @@ def end_process(code: int) -> NoReturn:
     """End a process that joined torchrun's group: Python's exit work, then ``os._exit``.
 
     Why not a plain exit: gloo's worker threads outlive `destroy_process_group` (its
-    shutdown does not join them), and in 3 of 80 two-process tiny SFT runs the C++
-    destructors run at interpreter exit then aborted the rank ("terminate called without
+    shutdown does not join them), and in 3 of 80 two-process tiny SFT runs with their
+    output to pipes (`scripts/torchrun_exits.py`) the C++ destructors run at interpreter
+    exit then aborted a rank ("terminate called without
     an active exception", SIGABRT) after the run had written everything, so torchrun
     reported a failed run. Here the exit work that matters runs first (the group is left,
     the atexit handlers release the run folder's lock, the streams are flushed), and the
