@@ -41,7 +41,7 @@ class RunConfig:
     device: str = _f("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: str = _f(
         "auto",
-        "torch threads: auto (1 for sampling, every idle core for training; OMP_NUM_THREADS "
+        "torch threads: auto (every idle core, for training and sampling; OMP_NUM_THREADS "
         "if set) or N for N everywhere (minidpo.threads)",
     )
     force: bool = _f(False, "rerun a stage even if its outputs exist")
