@@ -115,7 +115,7 @@ def check_generate_args(
             raise MinidpoError(f"generate: prompt {i} has a token id outside [0, {V})")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no_grad, and no version counters or view tracking (README)
 def generate(
     model: GPT,
     prompts: list[list[int]],

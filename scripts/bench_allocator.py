@@ -10,8 +10,8 @@ asks them in turn for one timing of each way, round after round (interleaved, so
 minute of the machine hits both; which setting goes first alternates by round), and
 reports medians:
 
-    generate        minidpo's batched sampling, 64 rows x 64 new tokens, 1 thread (the
-                    sampling policy), as in `bench_generate.py`
+    generate        minidpo's batched sampling, 64 rows x 64 new tokens, 1 thread, as
+                    in `bench_generate.py`
     previous loop   the loop before the preallocated cache (cache grown by
                     concatenation, mask rebuilt every step): with ``default`` this is
                     sampling as it was when issue 15 was filed

@@ -1,6 +1,14 @@
 """Batched sampling, side by side: minidpo's generate (preallocated cache), the previous
-loop (cache grown by concatenation, mask rebuilt every step), no cache, and transformers'
-generate on the same exported model. Interleaved repeats, medians, 1 torch thread.
+loop (cache grown by concatenation, mask rebuilt every step), no cache, transformers'
+generate on the same exported model, `generate` under `torch.no_grad` (as it ran before
+it took `torch.inference_mode`), and the floor: a bare decode loop (the model's
+prefill and one-token steps on the same cache, argmax, nothing else), beside the one
+thing `generate` adds to it: the sampling step (`sample_next_token`) alone, as many
+times as there are new tokens, on logits of the same shape. Interleaved
+repeats (the order reversed every other round) after untimed warm-up rounds (the
+first calls fault in the heap the allocator then keeps), 1 torch thread. Reported: each
+way's median time, and the median over rounds of its time over `generate`'s in the same
+round, which a slow minute of the machine moves less.
 
     python scripts/bench_generate.py --checkpoint runs/cpu/sft/checkpoint.pt --repeat 7
 """
@@ -23,7 +31,7 @@ from test_model import _generate_before  # the previous loop, kept as a referenc
 from minidpo.allocator import keep_freed_memory
 from minidpo.export import export_hf
 from minidpo.policy import load_policy
-from minidpo.sampling import generate
+from minidpo.sampling import KVCache, generate, sample_next_token
 from minidpo.world import format_prompt, load_world
 
 
@@ -39,8 +47,24 @@ def workload(checkpoint: str, batch: int = 64, new_tokens: int = 64):
     return model, tok, prompts, kw
 
 
-def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int = 64) -> dict:
-    """Interleaved medians (seconds) of every way on one thread: {"median_s", "runs_s"}."""
+def bare_decode(model, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """The floor under `generate` on unpadded prompts: the same forwards on the same
+    cache, the next token by argmax, no per-row bookkeeping and no sampling. Returns the
+    tokens (B, new_tokens): greedy `generate`'s, which `measure` checks."""
+    idx = torch.tensor(prompts)  # (B, T0)
+    cache = KVCache(model.config.n_layer, idx.size(1) + new_tokens)
+    logits = model.lm_head(model.hidden_states(idx, None, cache)[:, -1])  # (B, V)
+    out = [logits.argmax(dim=-1, keepdim=True)]  # each (B, 1)
+    for _ in range(new_tokens - 1):
+        logits = model.lm_head(model.hidden_states(out[-1], None, cache)[:, -1])  # (B, V)
+        out.append(logits.argmax(dim=-1, keepdim=True))
+    return torch.cat(out, dim=1)
+
+
+def measure(
+    checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int = 64, warmup: int = 3
+) -> dict:
+    """Every way on one thread, interleaved: {"median_s", "ratio_to_generate", "runs_s"}."""
     from transformers import AutoModelForCausalLM
 
     before = torch.get_num_threads()
@@ -50,10 +74,16 @@ def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int =
         export_hf(checkpoint, Path(d) / "hf")
         hf = AutoModelForCausalLM.from_pretrained(Path(d) / "hf").eval()
     ids = torch.tensor(prompts)
+    logits = torch.randn(batch, model.config.vocab_size)  # (B, V)
+    uniforms = torch.rand(new_tokens, batch)  # (new_tokens, B)
     ways = {
         "minidpo generate": lambda: generate(model, prompts, **kw),
         "previous loop": lambda: _generate_before(model, prompts, **kw),
+        # generate's body under no_grad alone (below), not its torch.inference_mode
+        "generate, no_grad": lambda: generate.__wrapped__(model, prompts, **kw),
         "no cache": lambda: generate(model, prompts, use_cache=False, **kw),
+        "bare decode loop": lambda: bare_decode(model, prompts, new_tokens),
+        "sampling step alone": lambda: [sample_next_token(logits, u).tolist() for u in uniforms],
         "transformers generate": lambda: hf.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -63,15 +93,27 @@ def measure(checkpoint: str, repeat: int = 7, batch: int = 64, new_tokens: int =
             pad_token_id=tok.eot_id,
         ),
     }
+    greedy = generate(model, prompts, **{**kw, "temperature": 0.0})
+    if bare_decode(model, prompts, new_tokens).tolist() != greedy:
+        raise SystemExit("bench_generate: the bare decode loop is not greedy generate's forwards")
     times: dict[str, list[float]] = {k: [] for k in ways}
     with torch.no_grad():
-        for _ in range(repeat):
-            for name, fn in ways.items():
+        for r in range(warmup + repeat):
+            for name in list(ways) if r % 2 == 0 else reversed(ways):
                 t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                ways[name]()
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - t0)
     torch.set_num_threads(before)
-    return {"median_s": {k: statistics.median(v) for k, v in times.items()}, "runs_s": times}
+    base = times["minidpo generate"]
+    return {
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "ratio_to_generate": {  # median over rounds of (this way / generate), same round
+            k: statistics.median(t / b for t, b in zip(v, base, strict=True))
+            for k, v in times.items()
+        },
+        "runs_s": times,
+    }
 
 
 def main() -> int:
@@ -84,10 +126,9 @@ def main() -> int:
     a = ap.parse_args()
     keep_freed_memory()  # as the command line does
     result = measure(a.checkpoint, a.repeat, a.batch, a.new_tokens)
-    med = result["median_s"]
-    base = med["minidpo generate"]
-    for k, v in med.items():
-        print(f"{k:<24} {v * 1000:8.1f} ms   {v / base:5.2f}x minidpo's")
+    for k, v in result["median_s"].items():
+        ratio = result["ratio_to_generate"][k]
+        print(f"{k:<24} {v * 1000:8.1f} ms   {ratio:5.2f}x minidpo's (median per round)")
     if a.out:
         Path(a.out).write_text(
             json.dumps({"command": " ".join(sys.argv), **result}, indent=2) + "\n"

@@ -126,16 +126,17 @@ def micro(checkpoint: Path, repeat: int) -> tuple[dict, dict, dict[str, float]]:
                                             str(repeat)])  # fmt: skip
     steps = bench_steps.measure(args)
     gen = bench_generate.measure(str(checkpoint), repeat=repeat)
-    g = gen["median_s"]
+    g = gen["ratio_to_generate"]  # per-round ratios: this way / minidpo generate
     ratios = {
         "sft step / transformers GPT-2 step": steps["ratios"]["minidpo sft step / reference"],
         "dpo step / sft step on the same rows": steps["ratios"][
             "dpo step / sft step on the same 2B rows"
         ],
-        "sampling: no cache / kv cache": g["no cache"] / g["minidpo generate"],
-        "sampling: transformers generate / minidpo": g["transformers generate"]
-        / g["minidpo generate"],
-        "sampling: previous loop / minidpo": g["previous loop"] / g["minidpo generate"],
+        "sampling: no cache / kv cache": g["no cache"],
+        "sampling: transformers generate / minidpo": g["transformers generate"],
+        "sampling: previous loop / minidpo": g["previous loop"],
+        "sampling: bare decode loop / minidpo": g["bare decode loop"],
+        "sampling: sampling step alone / minidpo": g["sampling step alone"],
     }
     alloc = bench_allocator.measure(str(checkpoint), repeat=repeat)
     ratios.update({f"allocator, {k}": v for k, v in alloc["ratios"].items()})
