@@ -5,8 +5,8 @@ it took `torch.inference_mode`), and the floor: a bare decode loop (the model's
 prefill and one-token steps on the same cache, argmax, nothing else), beside the one
 thing `generate` adds to it: the sampling step (`sample_next_token`) alone, as many
 times as there are new tokens, on logits of the same shape. Interleaved
-repeats (the order reversed every other round) after untimed warm-up rounds (the
-first calls fault in the heap the allocator then keeps), 1 torch thread. Reported: each
+repeats (the order reversed every other round) after untimed warm-up rounds (the first
+rounds run slower), 1 torch thread. Reported: each
 way's median time, and the median over rounds of its time over `generate`'s in the same
 round, which a slow minute of the machine moves less.
 
@@ -93,11 +93,11 @@ def measure(
             pad_token_id=tok.eot_id,
         ),
     }
-    greedy = generate(model, prompts, **{**kw, "temperature": 0.0})
-    if bare_decode(model, prompts, new_tokens).tolist() != greedy:
-        raise SystemExit("bench_generate: the bare decode loop is not greedy generate's forwards")
     times: dict[str, list[float]] = {k: [] for k in ways}
     with torch.no_grad():
+        greedy = generate(model, prompts, **{**kw, "temperature": 0.0})
+        if bare_decode(model, prompts, new_tokens).tolist() != greedy:
+            raise SystemExit("bench_generate: the bare decode loop is not greedy generate's")
         for r in range(warmup + repeat):
             for name in list(ways) if r % 2 == 0 else reversed(ways):
                 t0 = time.perf_counter()
