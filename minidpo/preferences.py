@@ -117,6 +117,34 @@ def label_pairs(
     return pairs
 
 
+def validation_split(
+    pairs: Sequence[PreferencePair], fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, valid): the pairs split by prompt, `fraction` of the prompts to validation.
+
+    Every pair of a prompt goes to one side, so no prompt and no response is on
+    both: a checkpoint chosen on `valid` is chosen on prompts it never trained on,
+    and the held-out pairs stay unseen by any choice. The validation prompts,
+    round(fraction * n) of the n distinct prompts but at least one and at most
+    n - 1 (n >= 2), are drawn from the sorted prompts by stream "prefs/validation",
+    so the split depends on the seed and the set of prompts, not on the file's
+    order; each side keeps the pairs' order. One prompt: all pairs train, none valid.
+
+    Example: prompts a, a, b, c, fraction 1/3 -> one prompt (say b) valid:
+    train [a, a, c], valid [b].
+    """
+    if not 0.0 < fraction < 1.0:
+        raise MinidpoError(f"--validation-fraction: must be in (0, 1), got {fraction}")
+    prompts = sorted({p.prompt for p in pairs})
+    n = len(prompts)
+    n_valid = min(max(math.floor(fraction * n + 0.5), 1), n - 1) if n >= 2 else 0
+    drawn = stream(seed, "prefs/validation").choice(n, size=n_valid, replace=False)
+    valid_prompts = {prompts[i] for i in drawn}
+    train = [p for p in pairs if p.prompt not in valid_prompts]
+    valid = [p for p in pairs if p.prompt in valid_prompts]
+    return train, valid
+
+
 def save_pairs(path: str | Path, pairs: Sequence[PreferencePair]) -> Path:
     """Write pairs as TRL-form JSONL, atomically."""
     return atomic_write_jsonl(path, (p.to_json() for p in pairs))
@@ -247,6 +275,11 @@ class TokenizedPairs:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, idx: Sequence[int]) -> TokenizedPairs:
+        """The pairs at `idx`, in that order."""
+        return TokenizedPairs([self.prompts[i] for i in idx], [self.chosen[i] for i in idx],
+                              [self.rejected[i] for i in idx])  # fmt: skip
 
     def batch(self, idx: Sequence[int], pad_id: int) -> Batch:
         """The concatenated [chosen; rejected] batch of the pairs at `idx` (2B rows)."""

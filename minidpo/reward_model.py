@@ -18,12 +18,16 @@ same preference pairs as DPO by maximum likelihood under Bradley-Terry:
 Chosen and rejected rows go through the model in ONE forward over the same
 concatenated [chosen; rejected] batch as DPO (`minidpo.dpo.TokenizedPairs.batch`).
 
-Training keeps the checkpoint with the best held-out pair accuracy (the share of
-held-out pairs with r(chosen) > r(rejected), evaluated every `eval_every` steps), not
-the last one: `minidpo.training.train` with ``keep_best="accuracy"``. That accuracy is
-reported beside its ceiling, the oracle's own agreement with the same labels
-(`oracle_pair_agreement`): labels drawn by Bradley-Terry at a temperature tau > 0
-disagree with r* on some pairs, and a reward model is not expected to beat r* there.
+Training keeps the checkpoint with the best VALIDATION pair accuracy (the share of
+pairs with r(chosen) > r(rejected), evaluated every `eval_every` steps), not the last
+one: `minidpo.training.train` with ``keep_best="accuracy"``. The validation pairs are
+those of ``validation_fraction`` of the training prompts, carved out by prompt
+(`minidpo.preferences.validation_split`) and never trained on; the held-out pairs
+(held-out prompts) take no part in the choice, so the accuracy reported on them is
+not inflated by it. That held-out accuracy is reported beside its ceiling, the
+oracle's own agreement with the same labels (`oracle_pair_agreement`): labels drawn
+by Bradley-Terry at a temperature tau > 0 disagree with r* on some pairs, and a
+reward model is not expected to beat r* there.
 
 A Bradley-Terry reward is defined only up to a constant, so after training it is
 normalised as in lm-human-preferences (Ziegler et al. 2019): draw
@@ -35,8 +39,9 @@ Outputs under the stage's folder:
     checkpoint.pt   kind "reward_model": model (the best evaluation's weights once done),
                     optimizer, step, configs, tokenizer, best_step, best_value,
                     "normalization": {"gain", "bias"} (None until training is done)
-    metrics.jsonl   train/ and eval/ loss, accuracy, margin per step
-    summary.json    last metrics, best_step/best_value, normalisation, `reward_model_report`
+    metrics.jsonl   train/ and eval/ loss, accuracy, margin per step (eval/: the validation pairs)
+    summary.json    last metrics, best_step/best_value (= validation_accuracy), the pair
+                    counts of each split, normalisation, `reward_model_report` (held-out)
 
 Left out: an ensemble of reward models, a separate value head, per-token rewards,
 and re-normalising against the PPO policy's own samples during RL.
@@ -70,7 +75,13 @@ from minidpo.losses import bradley_terry_loss
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.oracle import oracle_reward
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, TokenizedPairs, load_pairs, tokenize_pairs
+from minidpo.preferences import (
+    PreferencePair,
+    TokenizedPairs,
+    load_pairs,
+    tokenize_pairs,
+    validation_split,
+)
 from minidpo.sampling import Sample, encode_prompt, sample_responses
 from minidpo.scoring import oracle_scores
 from minidpo.seeds import seed_of, stream
@@ -102,7 +113,13 @@ class RewardModelConfig:
         "last: the head read at end-of-text; sum: the head summed over the response's tokens",
     )
     eval_every: int = _f(
-        10, "held-out pair metrics every N steps; the best accuracy's weights are kept (~10 evals)"
+        10,
+        "validation pair metrics every N steps; the best accuracy's weights are kept (~10 evals)",
+    )
+    validation_fraction: float = _f(
+        0.1,
+        "share of the training prompts whose pairs are held back to choose the checkpoint "
+        "(the held-out pairs only score it)",
     )
     ckpt_every: int = _f(50, "checkpoint every N steps")
     n_norm_samples: int = _f(320, "SFT samples on the training prompts used to normalise")
@@ -400,6 +417,40 @@ def reward_model_report(
 # --------------------------------------------------------------------------- the stage
 
 
+@dataclass(frozen=True)
+class PairSplit:
+    """The reward model's pairs: `train` and `validation` (chosen by) from the training
+    file, `heldout` (reported on; None without a held-out file) from the other."""
+
+    train: list[PreferencePair]
+    validation: list[PreferencePair]
+    heldout: list[PreferencePair] | None
+
+    @classmethod
+    def of(
+        cls,
+        pairs: Sequence[PreferencePair],
+        heldout: list[PreferencePair] | None,
+        fraction: float,
+        seed: int,
+        source: str | Path,
+    ) -> PairSplit:
+        """Carve the validation prompts out of the training `pairs` (read from `source`)."""
+        train, validation = validation_split(pairs, fraction, seed)
+        if not validation:
+            raise MinidpoError(
+                f"{source}: all pairs share one prompt; --validation-fraction needs pairs "
+                "of at least 2 prompts (the checkpoint is chosen on prompts it never trained on)"
+            )
+        return cls(train, validation, heldout)
+
+    def indices(self, pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, list[int]]:
+        """The positions in `pairs` (the training file) of the train and validation pairs."""
+        held = {p.prompt for p in self.validation}
+        train = np.array([i for i, p in enumerate(pairs) if p.prompt not in held])
+        return train, [i for i, p in enumerate(pairs) if p.prompt in held]
+
+
 def check_config(cfg: RewardModelConfig) -> None:
     """Raise MinidpoError naming the flag of the first bad value."""
     if cfg.n_norm_samples < 2:
@@ -408,6 +459,10 @@ def check_config(cfg: RewardModelConfig) -> None:
         raise MinidpoError(f"--pooling: {cfg.pooling!r} is not one of {', '.join(POOLINGS)}")
     if cfg.center_coef < 0:
         raise MinidpoError(f"--center-coef: must be >= 0, got {cfg.center_coef}")
+    if not 0.0 < cfg.validation_fraction < 1.0:
+        raise MinidpoError(
+            f"--validation-fraction: must be in (0, 1), got {cfg.validation_fraction}"
+        )
 
 
 def run_reward_model(
@@ -421,15 +476,15 @@ def run_reward_model(
     """Train, normalise and report on a reward model initialised from SFT; returns its summary.
 
     ``job.resume`` continues from the checkpoint (a run killed after training but before
-    normalising resumes straight into the normalisation). With `eval_pairs`, the weights
-    kept are those of the evaluation with the best held-out accuracy (``best_step`` in
-    the summary); without, the last ones.
+    normalising resumes straight into the normalisation). The weights kept are those of
+    the evaluation with the best validation accuracy (``best_step``, ``validation_accuracy``
+    in the summary); `eval_pairs`, when given, are only reported on (``report``).
     """  # fmt: skip
     check_config(cfg)
     t0 = time.perf_counter()
     seed, device = job.seed, torch.device(job.device)
     policy, tok = load_policy(sft_path)
-    last, model, eval_list, n_train = train_reward_model(
+    last, model, split = train_reward_model(
         policy, tok, cfg, job, train_pairs=train_pairs, eval_pairs=eval_pairs,
         provenance_=provenance("reward_model", cfg, seed, sft=sft_path, pairs=train_pairs),
     )  # fmt: skip
@@ -444,15 +499,17 @@ def run_reward_model(
     rm, raw = normalise(model, tok, policy, ckpt_path, ckpt, cfg, seed)
     summary: dict[str, Any] = {
         **last,
-        "best_step": ckpt.get("best_step"),  # None without held-out pairs: the last weights
+        "best_step": ckpt.get("best_step"),
         "best_value": ckpt.get("best_value"),
         "done": True,
         "normalization": {"gain": rm.gain, "bias": rm.bias, "raw_mean": float(raw.mean())},
-        "n_train_pairs": n_train,
+        "validation_accuracy": ckpt.get("best_value"),  # of the kept weights, the choice's own
+        "n_train_pairs": len(split.train),
+        "n_validation_pairs": len(split.validation),
     }
-    if eval_list is not None and cfg.report_samples_per_prompt > 0:
+    if split.heldout is not None and cfg.report_samples_per_prompt > 0:
         summary["report"] = reward_model_report(
-            rm, policy, eval_pairs=eval_list,
+            rm, policy, eval_pairs=split.heldout,
             prompts=[p.text for p in load_world().prompts("eval")],
             samples_per_prompt=cfg.report_samples_per_prompt,
             seed=seed_of(seed, "rm/report"), max_new_tokens=cfg.max_new_tokens,
@@ -471,28 +528,31 @@ def train_reward_model(
     train_pairs: Path,
     eval_pairs: Path | None,
     provenance_: dict[str, Any],
-) -> tuple[dict[str, Any], ScalarHeadModel, list[PreferencePair] | None, int]:
-    """The Bradley-Terry training of `run_reward_model` (a copy of `body` + a scalar head);
-    returns the loop's last row, the model, the held-out pairs and the training pair count."""  # fmt: skip
+) -> tuple[dict[str, Any], ScalarHeadModel, PairSplit]:
+    """The Bradley-Terry training of `run_reward_model` (a copy of `body` + a scalar head) on
+    the training side of `validation_split`, the checkpoint chosen on its validation side;
+    returns the loop's last row, the model and the pairs of each split."""  # fmt: skip
     seed, device = job.seed, torch.device(job.device)
     gen = torch.Generator().manual_seed(seed)
     model = ScalarHeadModel(copy.deepcopy(body), generator=gen).to(device)
     block, pad = model.config.block_size, tok.eot_id
 
-    def prepare(path: Path) -> tuple[TokenizedPairs, torch.Tensor | None, list[PreferencePair]]:
-        pairs = load_pairs(path)[0]
+    def prepare(path: Path) -> tuple[list[PreferencePair], TokenizedPairs, torch.Tensor | None]:
+        pairs = load_pairs(path)[0]  # checked whole, so an error names the pair of the file
         data = tokenize_pairs(pairs, tok, block, str(path))
         check_fits(data, block, str(path))
-        return data, (pair_margins(pairs, str(path)) if cfg.margin else None), pairs
+        return pairs, data, (pair_margins(pairs, str(path)) if cfg.margin else None)
 
-    train_data, train_margin, _ = prepare(train_pairs)
-    eval_data, eval_margin, eval_list = prepare(eval_pairs) if eval_pairs else (None, None, None)
+    pairs, data, margins = prepare(train_pairs)  # the validation pairs are rows of `data` too
+    split = PairSplit.of(pairs, prepare(eval_pairs)[0] if eval_pairs else None,
+                         cfg.validation_fraction, seed, train_pairs)  # fmt: skip
+    train_idx, valid_idx = split.indices(pairs)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
         rng = stream(seed, "rm/batch", step)
-        idx = rng.choice(len(train_data), size=min(cfg.batch_size, len(train_data)), replace=False)
-        idx = distributed.shard(idx)  # this rank's pairs, under torchrun
-        return train_data.batch(idx, pad).to(device), torch.as_tensor(idx)
+        k = min(cfg.batch_size, len(train_idx))
+        idx = distributed.shard(train_idx[rng.choice(len(train_idx), size=k, replace=False)])
+        return data.batch(idx, pad).to(device), torch.as_tensor(idx)  # idx: this rank's rows
 
     def losses_of(m, batch: Batch, margin: torch.Tensor | None):
         rc, rr = pair_rewards(m, batch, cfg.pooling)  # (B,), (B,)
@@ -501,15 +561,15 @@ def train_reward_model(
 
     def loss_fn(m: torch.nn.Module, item: tuple[Batch, torch.Tensor]):
         batch, idx = item
-        losses, rc, rr = losses_of(m, batch, None if train_margin is None else train_margin[idx])
+        losses, rc, rr = losses_of(m, batch, None if margins is None else margins[idx])
         return losses.mean(), {**pair_metrics(losses, rc, rr), "tokens": batch.n_tokens}
 
-    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:  # on the validation pairs alone
         parts = []
-        for s in range(0, len(eval_data), 64):
-            idx = list(range(s, min(s + 64, len(eval_data))))
-            mg = None if eval_margin is None else eval_margin[idx]
-            parts.append(losses_of(m, eval_data.batch(idx, pad).to(device), mg))
+        for s in range(0, len(valid_idx), 64):
+            idx = valid_idx[s : s + 64]
+            mg = None if margins is None else margins[idx]
+            parts.append(losses_of(m, data.batch(idx, pad).to(device), mg))
         return pair_metrics(*(torch.cat(column) for column in zip(*parts, strict=True)))
 
     extra = stage_state(kind="reward_model", stage="reward_model",
@@ -519,10 +579,9 @@ def train_reward_model(
         model, loop=LoopConfig.from_config(cfg, desc="reward model"), job=job,
         get_batch=get_batch, loss_fn=loss_fn,
         checkpoint_extra={**extra, "normalization": None, "pooling": cfg.pooling},
-        eval_fn=eval_fn if eval_data is not None else None,
-        keep_best="accuracy" if eval_data is not None else None,
+        eval_fn=eval_fn, keep_best="accuracy",
     )  # fmt: skip
-    return last, model, eval_list, len(train_data)
+    return last, model, split
 
 
 def normalise(
@@ -557,7 +616,8 @@ def _reward_model(ctx: Context, resume: bool) -> dict[str, Any]:
                          train_pairs=ctx.paths.train_pairs, eval_pairs=held_out)  # fmt: skip
     rep = s.get("report") or {}
     keep = ("heldout_accuracy", "heldout_ceiling", "heldout_gap", "spearman")
-    return {**{k: rep.get(k) for k in keep}, "best_step": s.get("best_step"),
+    mine = ("best_step", "validation_accuracy", "n_train_pairs", "n_validation_pairs")
+    return {**{k: rep.get(k) for k in keep}, **{k: s.get(k) for k in mine},
             **training_summary(s)}  # fmt: skip
 
 

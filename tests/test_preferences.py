@@ -15,8 +15,10 @@ from minidpo.preferences import (
     label_pairs,
     load_pairs,
     save_pairs,
+    validation_split,
 )
 from minidpo.sampling import Sample
+from minidpo.seeds import stream
 
 
 def _s(prompt, text, terminated=True):
@@ -141,3 +143,69 @@ def test_a_gravity_example_that_is_not_utf8_is_one_error(tmp_path):
     path.write_bytes(b"\xff\xfe{}")
     with pytest.raises(MinidpoError, match="not UTF-8 text"):
         load_example(path)
+
+
+# ------------------------------------------------------------------ the validation split
+
+
+def _by_prompt(n_prompts, per_prompt=3):
+    """`per_prompt` pairs on each of `n_prompts` prompts, interleaved: p00 p01 ... p00 p01 ..."""
+    return [
+        PreferencePair(f"p{i:02d}", f"good {i} {k}.", f"bad {i} {k}.")
+        for k in range(per_prompt)
+        for i in range(n_prompts)
+    ]
+
+
+def test_validation_split_known_answer():
+    """The validation prompts are round(fraction * n) of the SORTED prompts, drawn by the
+    stream "prefs/validation"; each side keeps the file's order."""
+    pairs = _by_prompt(20)
+    train, valid = validation_split(pairs, 0.1, seed=0)
+    drawn = stream(0, "prefs/validation").choice(20, size=2, replace=False)
+    want = {f"p{i:02d}" for i in drawn}
+    assert {p.prompt for p in valid} == want and len(valid) == 2 * 3
+    assert valid == [p for p in pairs if p.prompt in want]
+    assert train == [p for p in pairs if p.prompt not in want]
+    # the order of the file does not move a prompt to the other side
+    shuffled = [pairs[i] for i in np.random.default_rng(5).permutation(len(pairs))]
+    assert {p.prompt for p in validation_split(shuffled, 0.1, seed=0)[1]} == want
+
+
+def _responses(pairs):
+    return {r for p in pairs for r in (p.chosen, p.rejected)}
+
+
+def test_validation_split_is_by_prompt_and_disjoint():
+    pairs = _by_prompt(30, per_prompt=4)
+    train, valid = validation_split(pairs, 0.2, seed=3)
+    assert len(train) + len(valid) == len(pairs)
+    assert not {p.prompt for p in train} & {p.prompt for p in valid}
+    assert not _responses(train) & _responses(valid)
+    assert len({p.prompt for p in valid}) == 6 and len(valid) == 6 * 4
+
+
+@pytest.mark.parametrize(
+    "n_prompts, fraction, n_valid",
+    [(20, 0.1, 2), (20, 0.25, 5), (10, 0.25, 3), (20, 0.01, 1), (20, 0.99, 19), (2, 0.5, 1),
+     (2, 0.01, 1), (2, 0.99, 1), (1, 0.5, 0)],
+)  # fmt: skip
+def test_validation_split_sizes(n_prompts, fraction, n_valid):
+    """round(fraction * n), halves up (10 * 0.25 = 2.5 -> 3), at least one prompt each
+    side from two prompts on; one prompt: no validation."""
+    train, valid = validation_split(_by_prompt(n_prompts), fraction, seed=0)
+    assert len({p.prompt for p in valid}) == n_valid
+    assert len({p.prompt for p in train}) == n_prompts - n_valid
+
+
+def test_validation_split_is_deterministic_and_follows_the_seed():
+    pairs = _by_prompt(40)
+    assert validation_split(pairs, 0.1, seed=7) == validation_split(pairs, 0.1, seed=7)
+    splits = {frozenset(p.prompt for p in validation_split(pairs, 0.1, seed=s)[1]) for s in (0, 1)}
+    assert len(splits) == 2, "seeds 0 and 1 carve out the same prompts"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_validation_split_refuses_a_fraction_outside_0_1(fraction):
+    with pytest.raises(MinidpoError, match="--validation-fraction"):
+        validation_split(_by_prompt(4), fraction, seed=0)

@@ -2,18 +2,20 @@
 the oracle's ceiling, and the stage (best-checkpoint selection, resume)."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from minidpo import reward_model
 from minidpo.batching import build_batch
 from minidpo.checkpoints import load_checkpoint
 from minidpo.errors import MinidpoError
 from minidpo.losses import bradley_terry_loss
 from minidpo.model import GPT, GPTConfig, ScalarHeadModel
 from minidpo.policy import load_policy
-from minidpo.preferences import PreferencePair, save_pairs
+from minidpo.preferences import PreferencePair, save_pairs, validation_split
 from minidpo.reward_model import (
     RewardModel,
     RewardModelConfig,
@@ -32,7 +34,7 @@ from minidpo.reward_model import (
 from minidpo.sampling import Sample, sample_responses
 from minidpo.tokenizer import train_bpe
 from minidpo.training import Job, read_metrics
-from minidpo.world import load_world
+from minidpo.world import format_prompt, load_world
 
 # ------------------------------------------------------------------ pure math
 
@@ -176,6 +178,7 @@ def _cfg(**kw):
         n_norm_samples=24,
         max_new_tokens=24,
         report_samples_per_prompt=2,
+        validation_fraction=0.25,  # 6 of the 24 training prompts: accuracy in sixths
     )
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -220,6 +223,9 @@ def test_tiny_run_writes_checkpoint_metrics_and_summary(trained):
     assert 0.0 <= rows[-1]["eval/accuracy"] <= 1.0
     # fact-vs-wrong pairs are easy: the loss falls from its start near log 2
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    # 6 of the 24 training prompts (one pair each) choose the checkpoint, 18 train it
+    assert (summary["n_train_pairs"], summary["n_validation_pairs"]) == (18, 6)
+    assert summary["validation_accuracy"] == summary["best_value"] == ckpt["best_value"]
     report = summary["report"]
     assert report["n_heldout_pairs"] == 8 and report["n_spearman_samples"] == 2 * 40
     assert -1.0 <= report["spearman"] <= 1.0
@@ -231,14 +237,16 @@ def test_tiny_run_writes_checkpoint_metrics_and_summary(trained):
 
 
 def test_final_weights_are_those_of_the_best_evaluation(trained):
-    """The stage keeps the evaluation with the best held-out accuracy (ties: the earliest).
+    """The stage keeps the evaluation with the best VALIDATION accuracy (ties: the earliest).
 
     Recomputed from the final checkpoint (raw rewards, each pair's texts re-tokenised):
-    the accuracy equals the best logged eval/accuracy (1e-9: a count over 8 pairs), and
-    the loss and margin equal eval/loss and eval/margin at best_step (1e-6: the same
-    float32 forward, measured 0 on the CPU) and not the last step's unless that step is
-    best_step. (On the tiny run every evaluation scores 7/8, so the earliest, step 3, is
-    kept and its loss differs from step 12's by ~0.5.)
+    on the validation pairs (`validation_split` of the training pairs), the accuracy
+    equals the best logged eval/accuracy (1e-9: a count over 6 pairs), and the loss and
+    margin equal eval/loss and eval/margin at best_step (1e-6: the same float32 forward,
+    measured 0 on the CPU) and not the last step's unless that step is best_step; on the
+    held-out pairs, the accuracy is the report's heldout_accuracy. (On the tiny run every
+    evaluation scores 5/6, so the earliest, step 3, is kept and its loss differs from
+    step 12's by ~0.05; held-out it scores 7/8.)
     """
     out, summary = trained
     ckpt = load_checkpoint(out / "checkpoint.pt", kind="reward_model")
@@ -249,22 +257,27 @@ def test_final_weights_are_those_of_the_best_evaluation(trained):
     assert ckpt["best_value"] == pytest.approx(max(accs), abs=1e-12)
     model, tok = build_reward_model(ckpt)
     raw = RewardModel(model, tok, gain=1.0, bias=0.0)
-    pairs = _pairs("eval", 8)
-    prompts = [p.prompt for p in pairs]
-    rc = raw.score_texts(prompts, [p.chosen for p in pairs], [True] * len(pairs))
-    rr = raw.score_texts(prompts, [p.rejected for p in pairs], [True] * len(pairs))
-    got = {
-        "eval/accuracy": float((rc > rr).float().mean()),
-        "eval/loss": float(bradley_terry_loss(rc, rr).mean()),
-        "eval/margin": float((rc - rr).mean()),
-    }
+
+    def metrics(pairs):
+        prompts = [p.prompt for p in pairs]
+        rc = raw.score_texts(prompts, [p.chosen for p in pairs], [True] * len(pairs))
+        rr = raw.score_texts(prompts, [p.rejected for p in pairs], [True] * len(pairs))
+        return {
+            "eval/accuracy": float((rc > rr).float().mean()),
+            "eval/loss": float(bradley_terry_loss(rc, rr).mean()),
+            "eval/margin": float((rc - rr).mean()),
+        }
+
+    got = metrics(validation_split(_pairs("train", 24), 0.25, seed=0)[1])
     for key, tol in (("eval/accuracy", 1e-9), ("eval/loss", 1e-6), ("eval/margin", 1e-6)):
         want = evals[best_step][key]
         assert abs(got[key] - want) <= tol, f"{key}: {got[key]} vs {want} at step {best_step}"
     if best_step != 12:
         last_loss = evals[12]["eval/loss"]
         assert abs(got["eval/loss"] - last_loss) > 1e-4, "these are the last weights"
-    assert summary["report"]["heldout_accuracy"] == pytest.approx(max(accs), abs=1e-9)
+    assert summary["validation_accuracy"] == pytest.approx(max(accs), abs=1e-9)
+    heldout = metrics(_pairs("eval", 8))["eval/accuracy"]
+    assert summary["report"]["heldout_accuracy"] == pytest.approx(heldout, abs=1e-9)
 
 
 def test_normalisation_is_mean_zero_std_one_on_its_samples(trained, tiny_sft):
@@ -362,3 +375,83 @@ def test_reward_model_scores_an_unterminated_response_at_its_last_token():
     with torch.no_grad():
         raw = rm.model(torch.tensor([[*prompt, 97, 98]]))[0, -1]
     torch.testing.assert_close(rm.score([s]), (2.0 * raw + 1.0).reshape(1), atol=1e-5, rtol=0)
+
+
+def test_the_checkpoint_is_chosen_on_validation_pairs_only(
+    tiny_sft, pair_files, tmp_path, monkeypatch
+):
+    """The eval_fn that keep_best chooses by reads the validation pairs and nothing else:
+    prompts carved out of the training file, never in a training batch, none held out;
+    without a held-out file it still chooses on them (and there is no report)."""
+    _, tok = load_policy(tiny_sft)
+    train, valid = validation_split(_pairs("train", 24), 0.25, seed=0)
+    train_prompts, valid_prompts = {p.prompt for p in train}, {p.prompt for p in valid}
+    heldout_prompts = {p.prompt for p in _pairs("eval", 8)}
+    assert len(valid_prompts) == 6 and not valid_prompts & heldout_prompts
+    ids = {p: tok.encode(format_prompt(p)) for p in train_prompts | valid_prompts}
+
+    def prompt_of(row):  # each row starts with its prompt's own tokens
+        (found,) = [p for p, x in ids.items() if row[: len(x)] == x]
+        return found
+
+    seen: dict[str, set] = {}
+    phase, chosen_by = ["train"], []
+    real_pair_rewards, real_train = reward_model.pair_rewards, reward_model.train
+
+    def spy_pair_rewards(model, batch, pooling="last"):
+        seen[phase[0]].update(prompt_of(row) for row in batch.input_ids.tolist())
+        return real_pair_rewards(model, batch, pooling)
+
+    def spy_train(model, *, eval_fn, keep_best, **kw):
+        chosen_by.append(keep_best)
+
+        def watched(m):
+            phase[0] = "eval"
+            try:
+                return eval_fn(m)
+            finally:
+                phase[0] = "train"
+
+        return real_train(model, eval_fn=watched, keep_best=keep_best, **kw)
+
+    monkeypatch.setattr(reward_model, "pair_rewards", spy_pair_rewards)
+    monkeypatch.setattr(reward_model, "train", spy_train)
+    for held_out in (pair_files[1], None):
+        seen.update(train=set(), eval=set())
+        job = Job(tmp_path / f"rm-{held_out is None}", 0, "cpu", progress=False)
+        summary = run_reward_model(_cfg(steps=6), job, sft_path=tiny_sft,
+                                   train_pairs=pair_files[0], eval_pairs=held_out)  # fmt: skip
+        assert seen["eval"] == valid_prompts
+        assert seen["train"] and seen["train"] <= train_prompts
+        assert (summary["n_train_pairs"], summary["n_validation_pairs"]) == (18, 6)
+        assert summary["best_step"] in (3, 6)
+        assert summary["validation_accuracy"] == summary["best_value"]
+        assert ("report" in summary) == (held_out is not None)
+    assert chosen_by == ["accuracy", "accuracy"]
+
+
+def test_the_stage_stamp_reports_validation_beside_held_out(monkeypatch, tmp_path):
+    """The rm stage's stamp carries the choice's accuracy and the held-out score apart."""
+    summary = {"best_step": 30, "best_value": 0.75, "validation_accuracy": 0.75,
+               "n_train_pairs": 1152, "n_validation_pairs": 128, "tokens": 10,
+               "train/loss": 0.5, "report": {"heldout_accuracy": 0.7, "heldout_ceiling": 0.9,
+                                             "heldout_gap": 0.2, "spearman": 0.5}}  # fmt: skip
+    monkeypatch.setattr(reward_model, "run_reward_model", lambda *a, **kw: summary)
+    paths = SimpleNamespace(eval_pairs=tmp_path / "eval.jsonl", rm_dir=tmp_path / "rm",
+                            sft=tmp_path / "sft.pt", train_pairs=tmp_path / "train.jsonl")  # fmt: skip
+    ctx = SimpleNamespace(paths=paths, run=SimpleNamespace(seed=0), device="cpu",
+                          progress=False, cfg={"rm": _cfg()})  # fmt: skip
+    stamp = reward_model._reward_model(ctx, False)
+    assert stamp["validation_accuracy"] == 0.75 and stamp["heldout_accuracy"] == 0.7
+    assert (stamp["n_train_pairs"], stamp["n_validation_pairs"]) == (1152, 128)
+    assert (stamp["best_step"], stamp["heldout_gap"], stamp["spearman"]) == (30, 0.2, 0.5)
+
+
+def test_the_validation_split_needs_two_prompts_and_a_fraction_in_0_1(tiny_sft, tmp_path):
+    one = [PreferencePair("Explain gravity.", f"Fact {i}.", f"Wrong {i}.") for i in range(4)]
+    files = (save_pairs(tmp_path / "one.jsonl", one), None)
+    with pytest.raises(MinidpoError, match=r"one\.jsonl: all pairs share one prompt"):
+        _run(tiny_sft, files, tmp_path / "rm")
+    for bad in (0.0, 1.0):
+        with pytest.raises(MinidpoError, match="--validation-fraction"):
+            _run(tiny_sft, files, tmp_path / "rm", validation_fraction=bad)
