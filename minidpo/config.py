@@ -149,17 +149,34 @@ class DPOConfig:
         "DPOP penalty lambda * max(0, log pi_ref(y_w) - log pi(y_w)) taken off the margin "
         "(Pal et al. 2024, arXiv 2402.13228, Eq. 3); 0: off",
     )
-    steps: int = _f(100, "optimizer steps")
+    steps: int = _f(
+        1000, "cap on optimizer steps; the run ends earlier when the convergence rule says so"
+    )
     batch_size: int = _f(32, "preference pairs per step (2x sequences in the forward)")
     lr: float = _f(1e-4, "peak learning rate (AdamW)")
-    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of the peak")
+    min_lr_ratio: float = _f(
+        1.0,
+        "cosine decay floor as a fraction of the peak (1: constant after warmup, as the "
+        "paper's code trains)",
+    )
     warmup_steps: int = _f(20, "linear warmup steps")
     weight_decay: float = _f(0.0, "AdamW weight decay on matrices")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    eval_every: int = _f(50, "held-out pair metrics every N steps")
+    validation_fraction: float = _f(
+        0.1,
+        "share of the training prompts whose pairs are held back to decide convergence "
+        "(0: train on every pair, no convergence rule: the run takes --steps)",
+    )
+    patience: int = _f(
+        5,
+        "convergence: stop once the validation loss has not improved for this many "
+        "evaluations (0: off)",
+    )
+    eval_every: int = _f(20, "validation and held-out pair metrics every N steps")
     ckpt_every: int = _f(50, "checkpoint every N steps")
     snapshot_every: int = _f(
-        0, "save the weights every N steps, the frontier's points (0: about 4 per run)"
+        25,
+        "save the weights every N steps and at the end: the frontier's points (0: about 4 per run)",
     )
 
     def validate(self, flag_prefix: str = "") -> None:
@@ -170,6 +187,23 @@ class DPOConfig:
                             dpop_lambda=self.dpop_lambda)  # fmt: skip
         except MinidpoError as e:
             raise MinidpoError(str(e).replace("--", f"--{flag_prefix}", 1)) from None
+        f = f"--{flag_prefix}"
+        if not 0 <= self.validation_fraction < 1:
+            raise MinidpoError(
+                f"{f}validation-fraction: must be in [0, 1), got {self.validation_fraction}"
+            )
+        if self.patience < 0:
+            raise MinidpoError(f"{f}patience: must be >= 0, got {self.patience}")
+        if self.patience > 0 and self.validation_fraction == 0:
+            raise MinidpoError(
+                f"{f}patience: the convergence rule needs validation pairs "
+                f"({f}validation-fraction > 0), or set {f}patience 0"
+            )
+        if self.snapshot_every > self.steps:
+            raise MinidpoError(
+                f"{f}snapshot-every: {self.snapshot_every} is past the step cap {f}steps "
+                f"{self.steps}: no snapshot would be taken"
+            )
 
 
 @dataclass
@@ -185,7 +219,7 @@ class EvalConfig:
 _TINY_BASELINE = {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "ckpt_every": 5}
 # PPO and GRPO at the tiny preset: three iterations of short responses.
 _TINY_RL = {"iterations": 3, "max_new_tokens": 24, "eval_every": 3, "eval_samples_per_prompt": 1,
-            "ckpt_every": 1}  # fmt: skip
+            "ckpt_every": 1, "snapshot_every": 2}  # fmt: skip
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -201,7 +235,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "sample": {"max_new_tokens": 48},
         "prefs": {"samples_per_prompt": 4, "max_pairs_per_prompt": 3, "max_new_tokens": 48},
-        "dpo": {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_every": 5, "ckpt_every": 5},
+        "dpo": {
+            "steps": 10,
+            "batch_size": 8,
+            "warmup_steps": 2,
+            "eval_every": 5,
+            "ckpt_every": 5,
+            "snapshot_every": 5,
+            "patience": 2,
+        },
         "eval": {"samples_per_prompt": 2, "max_new_tokens": 48},
         "rm": {
             "steps": 12,
@@ -229,7 +271,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "sweep_online_dpo_betas": "0.1",
             "weak_reference_steps": 5,
         },
-        "online_dpo": {"rounds": 2, "responses_per_prompt": 2, "max_new_tokens": 48},
+        "online_dpo": {
+            "rounds": 2,
+            "responses_per_prompt": 2,
+            "max_new_tokens": 48,
+            "train_steps": 10,
+        },
     },
     "cpu": {},
     "gpu": {
@@ -292,7 +339,7 @@ POSITIVE_INTS = frozenset({
     "steps", "batch_size", "eval_every", "ckpt_every", "iterations", "rollout_batch",
     "minibatch_size", "ppo_epochs", "samples_per_prompt", "eval_samples_per_prompt",
     "max_new_tokens", "n_demos", "n", "n_layer", "n_head", "n_embd", "block_size",
-    "vocab_size", "max_pairs_per_prompt",
+    "vocab_size", "max_pairs_per_prompt", "train_steps",
 })  # fmt: skip
 NON_NEGATIVE_INTS = frozenset({"warmup_steps", "snapshot_every", "seed", "show"})
 POSITIVE_FLOATS = frozenset({"lr", "value_lr", "temperature"})

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,13 @@ from minidpo.config import DPOConfig, to_dict
 from minidpo.logprobs import concatenated_logprobs
 from minidpo.losses import check_loss_args, preference_loss
 from minidpo.policy import load_policy
-from minidpo.preferences import TokenizedPairs, load_pairs, tokenize_pairs
+from minidpo.preferences import (
+    PreferencePair,
+    TokenizedPairs,
+    load_pairs,
+    tokenize_pairs,
+    validation_split,
+)
 from minidpo.seeds import stream
 from minidpo.stage import Context, Method, Stage, method_config, training_summary
 from minidpo.training import Job, LoopConfig, train
@@ -158,11 +164,55 @@ def displacement_metrics(
 
 
 def batch_indices(seed: int, step: int, n_pairs: int, batch_size: int) -> np.ndarray:
-    """The pairs of training step `step`: `batch_size` distinct indices of `n_pairs`, drawn
-    from the step's own stream (so a resumed run draws the same; the TRL parity test feeds
-    TRL the same batches in this order)."""
-    return stream(seed, "dpo/batch", step).choice(n_pairs, size=min(batch_size, n_pairs),
-                                                  replace=False)  # fmt: skip
+    """The pairs of training step `step`, in epochs: epoch e is a permutation of the
+    `n_pairs` drawn from its own stream, cut into n_pairs // batch_size batches (the
+    remainder waits for a later epoch's shuffle), so every pair is seen once an epoch,
+    a resumed run draws the same, and the TRL parity test feeds TRL these batches."""
+    size = min(batch_size, n_pairs)
+    per_epoch = n_pairs // size
+    epoch, j = divmod(step, per_epoch)
+    return stream(seed, "dpo/batch", epoch).permutation(n_pairs)[j * size : (j + 1) * size]
+
+
+def split_indices(
+    pairs: Sequence[PreferencePair], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and the validation pairs of a pair file: the validation
+    split (`validation_split`, by prompt, the reward model's rule) decides convergence and
+    is never trained on. Indices, because the file's reference log-probs are cached whole."""
+    if fraction <= 0:
+        return np.arange(len(pairs)), np.arange(0)
+    held = {id(p) for p in validation_split(pairs, fraction, seed)[1]}
+    inside = np.array([id(p) in held for p in pairs], dtype=bool)
+    return np.flatnonzero(~inside), np.flatnonzero(inside)
+
+
+Evaluated = tuple[TokenizedPairs, torch.Tensor, torch.Tensor]  # pairs, reference logps
+
+
+def evaluator(
+    cfg: DPOConfig, eot_id: int, valid: Evaluated | None, held_out: Evaluated | None
+) -> Callable[[torch.nn.Module], dict[str, float]] | None:
+    """The DPO run's evaluation: ``valid/*`` on the validation split (what the convergence
+    rule reads), the preference and displacement metrics on the held-out pairs."""
+    if valid is None and held_out is None:
+        return None
+
+    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if valid is not None:
+            data, rc, rr = valid
+            pc, pr = compute_logps(model, data, eot_id)
+            got = preference_metrics(pc, pr, rc, rr, cfg, chosen_lengths(data))[1]
+            metrics.update({f"valid/{k}": v for k, v in got.items()})
+        if held_out is not None:
+            data, rc, rr = held_out
+            pc, pr = compute_logps(model, data, eot_id)
+            metrics.update(preference_metrics(pc, pr, rc, rr, cfg, chosen_lengths(data))[1])
+            metrics.update(displacement_metrics(pc, pr, rc, rr))
+        return metrics
+
+    return eval_fn
 
 
 def run_dpo(
@@ -187,7 +237,9 @@ def run_dpo(
     seed, device, out_dir = job.seed, torch.device(job.device), job.out_dir
     policy, tok = load_policy(sft_path, device)
     block = policy.config.block_size
-    train_data = tokenize_pairs(load_pairs(train_pairs)[0], tok, block, str(train_pairs))
+    all_pairs = load_pairs(train_pairs)[0]
+    train_data = tokenize_pairs(all_pairs, tok, block, str(train_pairs))
+    train_idx, valid_idx = split_indices(all_pairs, cfg.validation_fraction, seed)
     if eval_pairs is not None:
         eval_data = tokenize_pairs(load_pairs(eval_pairs)[0], tok, block, str(eval_pairs))
     ref_path = sft_path if ref_path is None else ref_path
@@ -197,7 +249,8 @@ def run_dpo(
         eval_ref = reference_logps(eval_pairs, ref_path, eval_data, tok.eot_id, device, cache_dir)
 
     def get_batch(step: int) -> tuple[Batch, torch.Tensor]:
-        idx = distributed.shard(batch_indices(seed, step, len(train_data), cfg.batch_size))
+        idx = train_idx[distributed.shard(batch_indices(seed, step, len(train_idx),
+                                                        cfg.batch_size))]  # fmt: skip
         return train_data.batch(idx, tok.eot_id).to(device), torch.as_tensor(idx)
 
     def loss_fn(model: torch.nn.Module, item: tuple[Batch, torch.Tensor]):
@@ -208,10 +261,9 @@ def run_dpo(
         )
         return loss, {**metrics, "tokens": batch.n_tokens}
 
-    def eval_fn(model: torch.nn.Module) -> dict[str, float]:
-        pc, pr = compute_logps(model, eval_data, tok.eot_id)
-        metrics = preference_metrics(pc, pr, *eval_ref, cfg, chosen_lengths(eval_data))[1]
-        return {**metrics, **displacement_metrics(pc, pr, *eval_ref)}
+    valid = (train_data.subset(valid_idx), ref_c[valid_idx], ref_r[valid_idx])
+    held_out = (eval_data, *eval_ref) if eval_pairs is not None else None
+    eval_fn = evaluator(cfg, tok.eot_id, valid if len(valid_idx) else None, held_out)
 
     loop = LoopConfig.from_config(cfg, desc=f"dpo[{cfg.loss}, beta={cfg.beta:g}]")
     extra = stage_state(kind="policy", stage="dpo", model_config=to_dict(policy.config),
@@ -224,10 +276,12 @@ def run_dpo(
         get_batch=get_batch,
         loss_fn=loss_fn,
         checkpoint_extra=extra,
-        eval_fn=eval_fn if eval_pairs is not None else None,
+        eval_fn=eval_fn,
+        stop_on="valid/loss" if len(valid_idx) else None,
     )
-    summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_data)}
-    if last["steps_done"] == cfg.steps:
+    summary = {**last, "wall_s_total": time.perf_counter() - t0, "n_train_pairs": len(train_idx),
+               "n_validation_pairs": len(valid_idx)}  # fmt: skip
+    if last["finished"]:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
 

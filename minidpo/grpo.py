@@ -82,7 +82,9 @@ class GRPOConfig:
     eval_every: int = _f(20, "held-out oracle reward and KL every N iterations (and at 0)")
     eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
-    snapshot_every: int = _f(0, "save the weights every N iterations (0: about 4 per run)")
+    snapshot_every: int = _f(
+        8, "save the weights every N iterations and at 1, 2, 4, ... below N (0: about 4 per run)"
+    )
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value."""

@@ -9,13 +9,13 @@ budget over R rounds; each round
    offline pairs (`minidpo.preferences.label_pairs`, the same tau), keeping
    ``pairs / R`` of them,
 3. trains DPO on that round's pairs (`minidpo.dpo.run_dpo`: ``steps / R`` steps of the
-   run's DPO settings), starting from the previous round's policy, with the reference
+   run's other DPO settings), starting from the previous round's policy, with the reference
    fixed at SFT (``--reference previous``: the previous round's policy, as in
    iterative/self-rewarding variants).
 
-With ``--pairs 0`` (the default) the budget is the offline training pairs' count and the
-steps are offline DPO's: the comparison with offline DPO then differs only in where the
-pairs came from. Each round's folder (``round<r>/``) holds its pairs, its DPO run and
+With ``--pairs 0`` (the default) the budget is the offline training pairs' count; the
+steps are ``--train-steps`` over all rounds (offline DPO instead stops by its
+convergence rule). Each round's folder (``round<r>/``) holds its pairs, its DPO run and
 its reference caches; a round that finished is never redone, so an interrupted run
 resumes at the round (and, inside it, at DPO's own checkpoint). The end of each round
 is a snapshot (step = DPO steps so far, elapsed = seconds so far, sampling included):
@@ -68,6 +68,11 @@ class OnlineDPOConfig:
         6, "K: responses sampled per training prompt each round (15 candidate pairs each)"
     )
     pairs: int = _f(0, "labelled pairs over all rounds (0: as many as the offline training pairs)")
+    train_steps: int = _f(
+        200,
+        "DPO steps over all rounds, steps / R a round (each round's pairs are new, so "
+        "no convergence rule: a fixed budget)",
+    )
     reference: str = _f("sft", "sft: pi_ref fixed at SFT; previous: the previous round's policy")
     temperature: float = _f(1.0, "sampling temperature of each round's responses")
     max_new_tokens: int = _f(64, "longest sampled response in tokens")
@@ -159,9 +164,11 @@ def run_online_dpo(
     cfg.validate()
     out, seed = Path(job.out_dir), job.seed
     budget = cfg.pairs or len(load_pairs(offline_pairs, warn=False)[0])
-    steps = dpo_cfg.steps // cfg.rounds
+    steps = cfg.train_steps // cfg.rounds
     if steps < 1:
-        raise MinidpoError(f"--rounds {cfg.rounds}: more rounds than DPO steps ({dpo_cfg.steps})")
+        raise MinidpoError(
+            f"--rounds {cfg.rounds}: more rounds than DPO steps (--train-steps {cfg.train_steps})"
+        )
     if budget < cfg.rounds:
         raise MinidpoError(f"--pairs {budget}: fewer labelled pairs than rounds ({cfg.rounds})")
     if not job.resume:
@@ -170,7 +177,8 @@ def run_online_dpo(
     metrics_path = out / "metrics.jsonl"
     rows = read_metrics(metrics_path) if metrics_path.exists() else []
     prompts = [p.text for p in load_world().prompts("train")]
-    round_cfg = dataclasses.replace(dpo_cfg, steps=steps, snapshot_every=0,
+    round_cfg = dataclasses.replace(dpo_cfg, steps=steps, snapshot_every=0, patience=0,
+                                    validation_fraction=0.0,
                                     eval_every=steps, ckpt_every=min(dpo_cfg.ckpt_every, steps))  # fmt: skip
     t0 = time.perf_counter() - (rows[-1]["time/elapsed"] if rows else 0.0)
     for r, n_pairs in enumerate(round_budgets(budget, cfg.rounds)):

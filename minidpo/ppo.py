@@ -127,7 +127,9 @@ class PPOConfig:
     eval_samples_per_prompt: int = _f(4, "samples per held-out prompt at each evaluation")
     ckpt_every: int = _f(10, "checkpoint every N iterations")
     snapshot_every: int = _f(
-        0, "save the weights every N iterations, the frontier's points (0: about 4 per run)"
+        8,
+        "save the weights every N iterations and at 1, 2, 4, ... below N (the frontier's "
+        "points, dense near KL 0; 0: about 4 per run)",
     )
 
     def validate(self, flag_prefix: str = "", *, oracle: bool = False) -> None:
@@ -342,10 +344,12 @@ def run_ppo(
 
 def rl_loop(cfg: Any, desc: str) -> LoopConfig:
     """The loop settings of an RL trainer (PPO, GRPO): one step per iteration at a constant
-    learning rate, no warmup, no weight decay; its clip, evaluations and checkpoints."""
+    learning rate, no warmup, no weight decay; its clip, evaluations and checkpoints;
+    snapshots dense at the start (`LoopConfig.is_snapshot`), where KL is near 0."""
     return LoopConfig(steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
                       weight_decay=0.0, grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
-                      ckpt_every=cfg.ckpt_every, snapshot_every=cfg.snapshot_every, desc=desc)  # fmt: skip
+                      ckpt_every=cfg.ckpt_every, snapshot_every=cfg.snapshot_every,
+                      snapshot_dense=True, desc=desc)  # fmt: skip
 
 
 def checked_prompts(

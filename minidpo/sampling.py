@@ -115,6 +115,17 @@ def check_generate_args(
             raise MinidpoError(f"generate: prompt {i} has a token id outside [0, {V})")
 
 
+@dataclass
+class TokenCounter:
+    """Response tokens `generate` has produced in this process: what a training loop reads
+    around its step to measure whether a method samples while it trains."""
+
+    tokens: int = 0
+
+
+GENERATED = TokenCounter()
+
+
 @torch.inference_mode()  # no_grad, and no version counters or view tracking (README)
 def generate(
     model: GPT,
@@ -182,6 +193,7 @@ def generate(
             logits = model.lm_head(h[:, -1])  # (B, V)
     finally:
         model.train(was_training)
+    GENERATED.tokens += sum(len(r) for r in responses)
     return responses
 
 

@@ -37,6 +37,7 @@ from minidpo.atomic import atomic_write_text
 from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
 from minidpo.progress import progress
+from minidpo.sampling import GENERATED
 from minidpo.threads import POLICY
 
 
@@ -128,15 +129,44 @@ class LoopConfig:
     eval_every: int
     ckpt_every: int
     snapshot_every: int = 0  # > 0: weights saved every that many steps (the frontier's points)
+    snapshot_dense: bool = False  # also at steps 1, 2, 4, ... below snapshot_every
+    patience: int = 0  # > 0: stop once `stop_on` has not improved for this many evaluations
     desc: str = "train"
 
     @classmethod
     def from_config(cls, cfg: Any, *, desc: str) -> LoopConfig:
         """The loop settings of a stage config (SFTConfig, DPOConfig, ...), read by name
         (``snapshot_every`` where the config has one)."""
-        shared = [f.name for f in fields(cls) if f.name not in ("snapshot_every", "desc")]
+        optional = {"snapshot_every": 0, "snapshot_dense": False, "patience": 0}
+        shared = [f.name for f in fields(cls) if f.name not in (*optional, "desc")]
         return cls(**{name: getattr(cfg, name) for name in shared},
-                   snapshot_every=getattr(cfg, "snapshot_every", 0), desc=desc)  # fmt: skip
+                   **{k: getattr(cfg, k, v) for k, v in optional.items()}, desc=desc)  # fmt: skip
+
+    def is_snapshot(self, step: int) -> bool:
+        """Whether the weights after `step` steps are a frontier point: every
+        `snapshot_every` steps, and with `snapshot_dense` at the powers of two below it
+        (1, 2, 4, 8, then every 8: the frontier starts near KL 0)."""
+        if self.snapshot_every <= 0:
+            return False
+        dense = self.snapshot_dense and step < self.snapshot_every and step & (step - 1) == 0
+        return step % self.snapshot_every == 0 or dense
+
+
+def converged(values: Sequence[float], patience: int) -> int | None:
+    """The convergence rule of a run that minimises an evaluated metric: the index of
+    the evaluation at which the best value so far has not improved for `patience`
+    evaluations (None: not yet). Ties do not improve; NaN never does.
+
+    Example: converged([0.69, 0.60, 0.61, 0.62], patience=2) is 3."""
+    best, since = math.inf, 0
+    for i, v in enumerate(values):
+        if v < best:
+            best, since = v, 0
+        else:
+            since += 1
+            if since >= patience:
+                return i
+    return None
 
 
 @dataclass(frozen=True)
@@ -250,7 +280,7 @@ class _LoopState:
         self.eval_fn, self.carried, self.keep_best = eval_fn, carried, keep_best
         self.best_metric = None if keep_best is None else f"eval/{keep_best}"
         self.start, self.elapsed_before = 0, 0.0
-        self.totals = {name: 0 for name in counters.values()}
+        self.counters, self.totals = counters, {name: 0 for name in counters.values()}
         self.best: BestWeights | None = None
         if job.resume and ckpt_path.exists():
             self._restore()
@@ -308,6 +338,37 @@ class _LoopState:
             state["model" if finished else "best_model"] = best.model  # finished: the chosen
         save_checkpoint(self.ckpt_path, state)
 
+    def count(self, row: dict[str, Any]) -> None:
+        """Add a step's row to the cumulative counters (a counter named like its key is
+        logged as the total only)."""
+        for key, total in self.counters.items():
+            self.totals[total] += int(row.pop(key) if key == total else row[key])
+
+    def result(self, last: dict[str, Any], reached: int, finished: bool,
+               converged: bool) -> dict[str, Any]:  # fmt: skip
+        """`run_loop`'s return: the last row, the run's cost and how it ended; a finished
+        run with ``keep_best`` leaves the chosen weights in the model."""
+        out: dict[str, Any] = dict(last)
+        out["wall_s"] = time.perf_counter() - self.t0
+        out["tokens_per_s"] = self.totals.get("tokens", 0) / max(out["wall_s"], 1e-9)
+        out.update(steps_done=reached, finished=finished,
+                   converged_step=reached if converged else None)  # fmt: skip
+        if self.best is not None:
+            if finished:
+                self.model.load_state_dict(self.best.model)
+            out.update(best_metric=self.best_metric, best_step=self.best.step,
+                       best_value=self.best.value)  # fmt: skip
+        return out
+
+
+def _step_row(step_fn: StepFn, step: int) -> dict[str, Any]:
+    """One step's metrics row, with the response tokens the step itself generated
+    (``tokens/generated``: the ledger's measure of sampling while training)."""
+    sampled = GENERATED.tokens
+    row = {"step": step + 1, **step_fn(step)}
+    row["tokens/generated"] = GENERATED.tokens - sampled
+    return row
+
 
 def run_loop(
     model: torch.nn.Module,
@@ -323,6 +384,7 @@ def run_loop(
     counters: dict[str, str] | None = None,
     postfix: Sequence[str] = ("train/loss",),
     keep_best: str | None = None,
+    stop_on: str | None = None,
 ) -> dict[str, Any]:
     """The loop every trainer shares; returns the last row (+ wall_s, tokens_per_s, best_*).
 
@@ -342,53 +404,74 @@ def run_loop(
     with the last step's optimizer; until then it holds the current weights plus
     ``best_model``, so a resumed run chooses exactly as an uninterrupted one. Checkpoint
     and returned dict record ``best_metric`` (``"eval/accuracy"``), ``best_step``, ``best_value``.
+
+    `stop_on` names a key of `eval_fn`'s dict to minimise (`StopRule`): the run ends when
+    it converges or at ``loop.steps``, the cap; either end is final (``finished``,
+    ``converged_step``: None when the cap bound) and a snapshot.
     """
     counters = {"tokens": "tokens"} if counters is None else counters
     state = _LoopState(model, optimizer, job, checkpoint_extra, eval_fn, carried or {},
                        counters, keep_best)  # fmt: skip
     log = MetricsLog(Path(job.out_dir) / "metrics.jsonl", resume_step=state.start)
-    stop_after, snapshot_every = job.stop_after, loop.snapshot_every
+    rule = StopRule(stop_on and f"eval/{stop_on}", loop.patience, log.rows)
+    stop_after, done_early = job.stop_after, rule.done
     if eval_at_start and state.start == 0 and eval_fn is not None:
         first: dict[str, Any] = {"step": 0}
         state.evaluate(first, 0)
         log.log({k: v for k, v in first.items() if k != "time/eval"})
     last: dict[str, Any] = dict(log.rows[-1]) if log.rows else {}
     reached, ran = state.start, 0
-    bar = progress(range(state.start, loop.steps), desc=loop.desc, initial=state.start,
+    bar = progress(range(state.start, state.start if done_early else loop.steps),
+                   desc=loop.desc, initial=state.start,
                    enabled=job.progress and distributed.is_writer())  # fmt: skip
     for step in bar:
         POLICY.tick(step)  # another process may have started or stopped
-        row = {"step": step + 1, **step_fn(step)}
+        row = _step_row(step_fn, step)
         reached, ran = step + 1, ran + 1
-        for key, total in counters.items():
-            state.totals[total] += int(row.pop(key) if key == total else row[key])
+        state.count(row)
         if eval_fn is not None and (reached % loop.eval_every == 0 or reached == loop.steps):
             state.evaluate(row, reached)
         row.update(state.totals)
         row["time/elapsed"] = state.elapsed()
         log.log(row)
-        last = row
-        if snapshot_every > 0 and reached % snapshot_every == 0:
-            save_snapshot(
-                state.ckpt_path.parent, checkpoint_extra, model, reached, row["time/elapsed"]
-            )
+        last, done_early = row, rule.update(row)
+        finished = reached == loop.steps or done_early
+        if loop.is_snapshot(reached) or (finished and loop.snapshot_every > 0):
+            save_snapshot(state.ckpt_path.parent, checkpoint_extra, model, reached,
+                          row["time/elapsed"])  # fmt: skip
         bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in postfix if k in row})
         stopping = stop_after is not None and ran >= stop_after
-        if reached == loop.steps or reached % loop.ckpt_every == 0 or stopping:
-            state.checkpoint(reached, finished=reached == loop.steps)
-        if stopping:
+        if finished or reached % loop.ckpt_every == 0 or stopping:
+            state.checkpoint(reached, finished=finished)
+        if stopping or done_early:
             break
     bar.close()
-    out: dict[str, Any] = dict(last)
-    out["wall_s"] = time.perf_counter() - state.t0
-    out["tokens_per_s"] = state.totals.get("tokens", 0) / max(out["wall_s"], 1e-9)
-    out["steps_done"] = reached
-    if state.best is not None:
-        best = state.best
-        if reached == loop.steps:
-            model.load_state_dict(best.model)  # the run is over: leave the chosen weights
-        out.update(best_metric=state.best_metric, best_step=best.step, best_value=best.value)
-    return out
+    return state.result(last, reached, finished=reached == loop.steps or done_early,
+                        converged=done_early)  # fmt: skip
+
+
+@dataclass
+class StopRule:
+    """`run_loop`'s convergence rule: the run is done at the evaluation where `key` (an
+    ``eval/`` metric to minimise, ``"eval/valid/loss"``) has not improved for `patience`
+    evaluations (`converged`); no key or patience 0: never. `rows` are the metrics already
+    logged, so a resumed run reads the rule's history back from ``metrics.jsonl``."""
+
+    key: str | None
+    patience: int
+    rows: Sequence[dict[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        self.active = self.key is not None and self.patience > 0
+        self.history = [float(r[self.key]) for r in self.rows if self.active and self.key in r]
+        self.done = self.active and converged(self.history, self.patience) is not None
+
+    def update(self, row: dict[str, Any]) -> bool:
+        """Read one logged row; returns whether the run has converged."""
+        if self.active and self.key in row:
+            self.history.append(float(row[self.key]))
+            self.done = converged(self.history, self.patience) is not None
+        return self.done
 
 
 @dataclass

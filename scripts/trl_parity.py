@@ -17,6 +17,7 @@ text itself, so the same numbers also check the export's token ids.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -73,7 +74,9 @@ def trl_trainer(hf_dir: Path, rows: list[dict], cfg: DPOConfig, work: Path) -> D
 
 
 def run_both(sft: Path, pairs: list[PreferencePair], cfg: DPOConfig, work: Path) -> dict:
-    """Both trainers for `cfg.steps` steps; per metric the largest |difference| over steps."""
+    """Both trainers for `cfg.steps` steps; per metric the largest |difference| over steps
+    (every pair trained on, no convergence rule: TRL's trainer has none)."""
+    cfg = dataclasses.replace(cfg, validation_fraction=0.0, patience=0, snapshot_every=0)
     shutil.rmtree(work, ignore_errors=True)  # a fresh run each time (no resume)
     work.mkdir(parents=True)
     train = save_pairs(work / "train.jsonl", pairs)

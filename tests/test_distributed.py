@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from minidpo import cli, distributed, training
+from minidpo import cli, distributed, threads, training
 from minidpo.checkpoints import load_checkpoint
 from minidpo.lock import release
 
@@ -118,6 +118,9 @@ def test_two_processes_resume_a_killed_run(base, monkeypatch, capsys):
     monkeypatch.setattr(training._LoopState, "checkpoint", checkpoint)
     assert cli.main([*args, "--name", "cut"]) == 130
     monkeypatch.undo()
+    threads.configure(
+        "auto"
+    )  # --threads 1 held for this process: later in-process runs must not inherit it
     release(runs / "cut")  # as the killed process would, by exiting
     cut = load_checkpoint(runs / "cut" / "sft" / "checkpoint.pt")
     assert not cut["done"] and 0 < cut["step"] < len(_rows(runs / "base" / "sft" / "metrics.jsonl"))

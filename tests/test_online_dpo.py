@@ -41,7 +41,8 @@ def offline(tiny_sft, tmp_path_factory):
 
 
 def _run(tiny_sft, offline, out, resume=False, **over):
-    cfg = OnlineDPOConfig(**{"rounds": 2, "responses_per_prompt": 3, "max_new_tokens": 48, **over})
+    cfg = OnlineDPOConfig(**{"rounds": 2, "responses_per_prompt": 3, "max_new_tokens": 48,
+                             "train_steps": 10, **over})  # fmt: skip
     dpo_cfg = resolve(DPOConfig, "dpo", "tiny", None)
     return run_online_dpo(cfg, dpo_cfg, Job(out, 0, "cpu", resume, False), sft_path=tiny_sft,
                           offline_pairs=offline[0], eval_pairs=offline[1], tau=1.0)  # fmt: skip

@@ -13,6 +13,7 @@ from minidpo.training import (
     Job,
     LoopConfig,
     MetricsLog,
+    converged,
     improves,
     lr_at,
     read_metrics,
@@ -92,7 +93,16 @@ def test_resolve_device():
 # ------------------------------------------------------------------ keep_best, on a toy model
 
 
-def _toy_train(out, *, stop_after=None, resume=False, keep_best="score", snapshot_every=0):
+def _toy_train(
+    out,
+    *,
+    stop_after=None,
+    resume=False,
+    keep_best="score",
+    snapshot_every=0,
+    patience=0,
+    stop_on=None,
+):
     """A 4 -> 1 linear regression, 12 steps, evaluated every 2 with a score that rises and
     falls along the run (a function of the weights alone, so it resumes exactly)."""
     torch.manual_seed(0)
@@ -109,14 +119,16 @@ def _toy_train(out, *, stop_after=None, resume=False, keep_best="score", snapsho
         return loss, {"loss": float(loss.detach())}
 
     def eval_fn(m):
-        return {"score": float(torch.sin(8.0 * m.weight.sum()))}
+        score = float(torch.sin(8.0 * m.weight.sum()))
+        return {"score": score, "loss": -score}
 
     loop = LoopConfig(steps=12, lr=0.05, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                      grad_clip=0.0, eval_every=2, ckpt_every=4, snapshot_every=snapshot_every)  # fmt: skip
+                      grad_clip=0.0, eval_every=2, ckpt_every=4, snapshot_every=snapshot_every,
+                      patience=patience)  # fmt: skip
     job = Job(out, 0, resume=resume, progress=False, stop_after=stop_after)
     last = train(
         model, loop=loop, job=job, get_batch=get_batch, loss_fn=loss_fn,
-        checkpoint_extra={"kind": "toy"}, eval_fn=eval_fn, keep_best=keep_best,
+        checkpoint_extra={"kind": "toy"}, eval_fn=eval_fn, keep_best=keep_best, stop_on=stop_on,
     )  # fmt: skip
     return model, last
 
@@ -227,3 +239,56 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_last_checkpoi
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 4 and not ckpt["done"]  # the last good checkpoint, kept
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_the_convergence_rule_known_answers():
+    assert converged([0.69, 0.60, 0.61, 0.62], patience=2) == 3
+    assert converged([0.69, 0.60, 0.61, 0.59, 0.60], patience=2) is None  # improved at 3
+    assert converged([0.5, 0.5], patience=1) == 1  # a tie does not improve
+    assert converged([0.5, float("nan"), float("nan")], patience=2) == 2  # NaN never improves
+    assert converged([0.7, 0.6, 0.5], patience=1) is None
+
+
+def test_snapshot_schedule_is_dense_at_the_start():
+    loop = LoopConfig(steps=40, lr=1.0, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      grad_clip=0.0, eval_every=1, ckpt_every=1, snapshot_every=8,
+                      snapshot_dense=True)  # fmt: skip
+    assert [s for s in range(1, 41) if loop.is_snapshot(s)] == [1, 2, 4, 8, 16, 24, 32, 40]
+    sparse = LoopConfig(**{**loop.__dict__, "snapshot_dense": False})
+    assert [s for s in range(1, 41) if sparse.is_snapshot(s)] == [8, 16, 24, 32, 40]
+
+
+def test_a_run_stops_where_its_validation_metric_stops_improving(tmp_path):
+    """The toy's "loss" (-score) first rises after its best evaluation: with patience 2
+    the run ends two evaluations later, final, with a snapshot of its last weights; the
+    same run without the rule takes all 12 steps."""
+    _toy_train(tmp_path / "all", keep_best=None)
+    losses = [r["eval/loss"] for r in read_metrics(tmp_path / "all" / "metrics.jsonl")
+              if "eval/loss" in r]  # fmt: skip
+    stop = converged(losses, 2)
+    assert stop is not None and 2 * (stop + 1) < 12, losses
+    _, last = _toy_train(tmp_path / "early", keep_best=None, patience=2, stop_on="loss",
+                         snapshot_every=4)  # fmt: skip
+    assert last["finished"] and last["steps_done"] == last["converged_step"] == 2 * (stop + 1)
+    ckpt = load_checkpoint(tmp_path / "early" / "checkpoint.pt")
+    assert ckpt["done"] and ckpt["step"] == 2 * (stop + 1)
+    snaps = sorted(p.name for p in (tmp_path / "early" / "snapshots").glob("*.pt"))
+    assert snaps[-1] == f"step-{2 * (stop + 1):06d}.pt"
+    # resumed after it converged: nothing more is trained
+    _, again = _toy_train(tmp_path / "early", keep_best=None, patience=2, stop_on="loss",
+                          resume=True, snapshot_every=4)  # fmt: skip
+    assert again["steps_done"] == last["steps_done"]
+    assert load_checkpoint(tmp_path / "early" / "checkpoint.pt")["step"] == ckpt["step"]
+
+
+def test_a_killed_converging_run_resumes_to_the_same_stop(tmp_path):
+    _, full = _toy_train(tmp_path / "full", keep_best=None, patience=2, stop_on="loss")
+    cut = tmp_path / "cut"
+    _toy_train(cut, keep_best=None, patience=2, stop_on="loss", stop_after=4)
+    _, resumed = _toy_train(cut, keep_best=None, patience=2, stop_on="loss", resume=True)
+    assert resumed["converged_step"] == full["converged_step"]
+    a, b = (
+        load_checkpoint(cut / "checkpoint.pt"),
+        load_checkpoint(tmp_path / "full" / "checkpoint.pt"),
+    )
+    torch.testing.assert_close(a["model"], b["model"], atol=0, rtol=0)
