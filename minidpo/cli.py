@@ -10,7 +10,8 @@
     minidpo gravity      the seed card's "Explain gravity." worked example, number by number
     minidpo export       a checkpoint as a transformers GPT-2 folder; pairs in TRL's text form
     minidpo rm           the Bradley-Terry reward model on the same pairs
-    minidpo ppo          PPO against the reward model (--reward oracle: PPO-GT)
+    minidpo ppo          PPO against the reward model (--reward oracle: PPO-GT; shaped: r_shaped)
+    minidpo grpo         GRPO against the reward model, the oracle or r_shaped (no value model)
     minidpo preferred-ft SFT on the chosen responses only (a baseline of the paper)
     minidpo best-of-n    N samples from SFT, keep the one the reward model scores highest
     minidpo pipeline     every stage in order, skipping what is done; then eval, plots, report
@@ -69,15 +70,18 @@ from minidpo.pipeline import (
 )
 from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig
+from minidpo.ppo import stage as ppo_stage
 from minidpo.preferences import load_pairs
 from minidpo.report import summary_text
 from minidpo.reward_model import RewardModelConfig, load_reward_model
 from minidpo.sampling import encode_prompt, sample_responses
 from minidpo.scoring import oracle_breakdowns, oracle_scores
 from minidpo.seeds import seed_of
+from minidpo.shaping import ShapingConfig
+from minidpo.stage import Stage
 from minidpo.tokenizer import Tokenizer
 from minidpo.tokenizer_stage import world_tokenizer
-from minidpo.training import resolve_device
+from minidpo.training import read_metrics, resolve_device
 from minidpo.world import load_world
 
 
@@ -112,18 +116,20 @@ def _checked(args: argparse.Namespace, groups: Sequence[str]) -> dict[str, Any]:
     return cfg
 
 
-def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], **inputs: str | None):
-    """Run the pipeline's stage `name` alone, through the one stage layer (skip, resume or
-    rerun, as in `minidpo pipeline`): its `groups` from the flags, every other group from
-    the preset, `inputs` ("sft", "train_pairs", ...) replacing the run's own files.
-    Returns (stage, context, stamp)."""
+def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], *,
+               stage: Stage | None = None, **inputs: str | None):  # fmt: skip
+    """Run the pipeline's stage `name` (or `stage`, one the pipeline does not run) alone,
+    through the one stage layer (skip, resume or rerun, as in `minidpo pipeline`): its
+    `groups` from the flags, every other group from the preset, `inputs` ("sft",
+    "train_pairs", ...) replacing the run's own files. Returns (stage, context, stamp)."""
 
     run = _run(args)
     cfg = _checked(args, groups)
+    stage = stage or BY_NAME[name]
     given = {k: Path(v) for k, v in inputs.items() if v}
     ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
-                  force={name} if run.force else set(), inputs=given)  # fmt: skip
-    return BY_NAME[name], ctx, run_stage(ctx, BY_NAME[name], {})
+                  force={stage.name} if run.force else set(), inputs=given)  # fmt: skip
+    return stage, ctx, run_stage(ctx, stage, {})
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -313,36 +319,55 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_ppo(args: argparse.Namespace) -> int:
-
+    """PPO alone at --kl-coef: --reward rm, the pipeline's `ppo` stage; oracle, its `ppo_gt`
+    stage; shaped, the limits experiments' PPO on r_shaped (`minidpo.shaping`, the
+    --shaping-* flags), run ``ppo-shaped-kl<k>``, stage ``ppo_shaped``."""
     cfg = _cfg(PPOConfig, "ppo", args)
-    cfg.validate(oracle=args.reward == "oracle")
+    cfg.validate(oracle=args.reward != "rm")  # r_shaped charges a missing end as r* does
     if args.reward == "oracle":  # PPO-GT: the pipeline's stage, at the --kl-coef given here
         args.ppo_gt_kl_coef = cfg.kl_coef
-    name = "ppo" if args.reward == "rm" else "ppo_gt"
-    stage, ctx, stamp = _one_stage(args, name, ["ppo", "pipeline"], sft=args.sft, rm=args.rm,
-                                   prompts=args.prompts)  # fmt: skip
+    name = {"rm": "ppo", "oracle": "ppo_gt", "shaped": "ppo_shaped"}[args.reward]
+    own = ppo_stage(name, reward="shaped") if args.reward == "shaped" else None
+    stage, ctx, stamp = _one_stage(args, name, ["ppo", "pipeline", "shaping"], stage=own,
+                                   sft=args.sft, rm=args.rm, prompts=args.prompts)  # fmt: skip
     s = stamp["summary"]
     print(
         f"ppo: {_trained(stage, ctx)} (held-out oracle reward {s['eval_oracle']:+.3f} "
-        f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)"
+        f"at KL {s['eval_kl']:.2f}{_shaped_note(args, _trained(stage, ctx).parent)}; "
+        f"{s['wall_s']:.0f} s)"
     )
     return 0
 
 
+def _shaped_note(args: argparse.Namespace, run_dir: Path) -> str:
+    """With --reward shaped: the last rollouts' mean r_shaped (the score optimised,
+    objective/scores of the run's metrics.jsonl) and their mean r* (objective/oracle)."""
+    metrics = run_dir / "metrics.jsonl"
+    if args.reward != "shaped" or not metrics.exists():
+        return ""
+    rows = [r for r in read_metrics(metrics) if "objective/scores" in r]
+    if not rows:
+        return ""
+    return (f"; last rollouts r_shaped {rows[-1]['objective/scores']:+.3f}, "
+            f"r* {rows[-1]['objective/oracle']:+.3f}")  # fmt: skip
+
+
 def cmd_grpo(args: argparse.Namespace) -> int:
     """GRPO alone (with --reward rm, the pipeline's own GRPO stage): the run's SFT and,
-    with --reward rm, its reward model."""
-    cfg = _checked(args, ["pipeline"])
+    with --reward rm, its reward model; with --reward shaped, the limits experiments'
+    GRPO on r_shaped (`minidpo.shaping`, the --shaping-* flags), stage ``grpo_shaped``."""
+    cfg = _checked(args, ["pipeline", "shaping"])
     cfg["grpo"] = _cfg(GRPOConfig, "grpo", args)  # ranges checked in `resolve`
     cfg["grpo"].validate()
     run = _run(args)
     given = {k: Path(v) for k, v in (("sft", args.sft), ("rm", args.rm)) if v}
+    stage = grpo_stage("grpo_shaped" if args.reward == "shaped" else "grpo", reward=args.reward)
     ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
-                  force={"grpo"} if run.force else set(), inputs=given)  # fmt: skip
-    stage = grpo_stage(reward=args.reward)
+                  force={stage.name} if run.force else set(), inputs=given)  # fmt: skip
     s = run_stage(ctx, stage, {})["summary"]
+    note = _shaped_note(args, _trained(stage, ctx).parent)
     print(f"grpo: {_trained(stage, ctx)} (held-out oracle reward {s['eval_oracle']:+.3f} "
-          f"at KL {s['eval_kl']:.2f}; {s['wall_s']:.0f} s)")  # fmt: skip
+          f"at KL {s['eval_kl']:.2f}{note}; {s['wall_s']:.0f} s)")  # fmt: skip
     return 0
 
 
@@ -487,6 +512,11 @@ STAGE_GROUPS = [
     (SFTConfig, "sft"),
 ]
 SFT_HELP = "SFT checkpoint (default: the run's runs/<name>/sft/checkpoint.pt)"
+SHAPED_HELP = (
+    f"r_shaped = r* - --shaping-weight (default {ShapingConfig.weight:g}) per sentence beyond "
+    f"--shaping-free-sentences (default {ShapingConfig.free_sentences}), the reward of the "
+    "sweep's limits experiments (the sweep's --shaping-* flags)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,19 +562,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rm", cmd_rm, "train the Bradley-Terry reward model on the run's pairs",
             [(RewardModelConfig, "rm")])  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)
-    p = add("ppo", cmd_ppo, "PPO against the reward model, or the oracle (PPO-GT)",
-            [(PPOConfig, "ppo")])  # fmt: skip
+    p = add("ppo", cmd_ppo, "PPO against the reward model, the oracle (PPO-GT) or r_shaped",
+            [(PPOConfig, "ppo"), (ShapingConfig, "shaping")], prefixed=("shaping",))  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)
     p.add_argument("--rm", help=rm_help)
-    p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
-                   help="rm: the reward model (RLHF); oracle: r* itself (PPO-GT)")  # fmt: skip
+    p.add_argument("--reward", choices=("rm", "oracle", "shaped"), default="rm",
+                   help="rm: the reward model (RLHF); oracle: r* itself (PPO-GT); shaped: "
+                        f"{SHAPED_HELP} (run ppo-shaped-kl<k>)")  # fmt: skip
     p.add_argument("--prompts", help="training prompts, one per line (default: the world's)")
-    p = add("grpo", cmd_grpo, "GRPO against the reward model or the oracle (no value model)",
-            [(GRPOConfig, "grpo")])  # fmt: skip
+    p = add("grpo", cmd_grpo, "GRPO against the reward model, the oracle or r_shaped (no critic)",
+            [(GRPOConfig, "grpo"), (ShapingConfig, "shaping")], prefixed=("shaping",))  # fmt: skip
     p.add_argument("--sft", help=SFT_HELP)
     p.add_argument("--rm", help=rm_help)
-    p.add_argument("--reward", choices=("rm", "oracle"), default="rm",
-                   help="rm: the reward model; oracle: r* itself")  # fmt: skip
+    p.add_argument("--reward", choices=("rm", "oracle", "shaped"), default="rm",
+                   help=f"rm: the reward model; oracle: r* itself; shaped: {SHAPED_HELP} "
+                        "(run grpo-shaped-beta<b>)")  # fmt: skip
     p = add("online-dpo", cmd_online_dpo, "online (iterative) DPO: rounds of on-policy pairs",
             [(OnlineDPOConfig, "online_dpo"), (DPOConfig, "dpo")])  # fmt: skip
     p = add("preferred-ft", cmd_preferred_ft, "SFT on the chosen responses of the pairs",

@@ -96,25 +96,26 @@ def reference_stage(kind: str, seed: int) -> Stage:
                  outputs=lambda c: [out(c) / "checkpoint.pt"], extra_key=lambda c: [kind, seed])  # fmt: skip
 
 
-def relabelled_pairs_path(ctx: Context) -> Path:
-    return ctx.folder / "sweep" / "limits-shaped-pairs" / "train.jsonl"
+def relabelled_pairs_path(ctx: Context, seed: int) -> Path:
+    return limits_dir(ctx, seed) / "limits-shaped-pairs" / "train.jsonl"
 
 
-def _relabel(ctx: Context, resume: bool) -> dict[str, Any]:
-    pairs, _ = load_pairs(ctx.paths.train_pairs, warn=False)
-    out = relabel_pairs(pairs, ctx.cfg["shaping"], tau=ctx.cfg["prefs"].tau,
-                        rng=stream(ctx.run.seed, "shaping/labels"))  # fmt: skip
-    save_pairs(relabelled_pairs_path(ctx), out)
-    old = {(p.prompt, p.chosen, p.rejected) for p in pairs}
-    flipped = sum((q.prompt, q.rejected, q.chosen) in old for q in out)
-    return {"pairs": len(out), "of": len(pairs), "dropped_ties": len(pairs) - len(out),
-            "flipped": flipped}  # fmt: skip
+def relabel_stage(seed: int) -> Stage:
+    """The seed's training pairs relabelled by Bradley-Terry on r_shaped."""
 
+    def fn(ctx: Context, resume: bool) -> dict[str, Any]:
+        pairs, _ = load_pairs(ctx.paths.train_pairs, warn=False)
+        out = relabel_pairs(pairs, ctx.cfg["shaping"], tau=ctx.cfg["prefs"].tau,
+                            rng=stream(seed, "shaping/labels"))  # fmt: skip
+        save_pairs(relabelled_pairs_path(ctx, seed), out)
+        old = {(p.prompt, p.chosen, p.rejected) for p in pairs}
+        flipped = sum((q.prompt, q.rejected, q.chosen) in old for q in out)
+        return {"pairs": len(out), "of": len(pairs), "dropped_ties": len(pairs) - len(out),
+                "flipped": flipped}  # fmt: skip
 
-RELABEL_STAGE = Stage(
-    "sweep-limits-shaped-pairs", _relabel, ("shaping", "prefs"), ("prefs",),
-    inputs=lambda c: [c.paths.train_pairs], outputs=lambda c: [relabelled_pairs_path(c)],
-)  # fmt: skip
+    return Stage(f"sweep-limits-shaped-pairs-seed{seed}", fn, ("shaping", "prefs"), ("prefs",),
+                 inputs=lambda c: [c.paths.train_pairs],
+                 outputs=lambda c: [relabelled_pairs_path(c, seed)], extra_key=lambda c: seed)  # fmt: skip
 
 
 def shaped_dpo_stage(seed: int) -> Stage:
@@ -126,13 +127,13 @@ def shaped_dpo_stage(seed: int) -> Stage:
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         cfg = dataclasses.replace(ctx.cfg["dpo"], snapshot_every=0)
         s = dpo.run_dpo(cfg, Job(out(ctx), seed, ctx.device, resume, ctx.progress),
-                        sft_path=ctx.paths.sft, train_pairs=relabelled_pairs_path(ctx),
+                        sft_path=ctx.paths.sft, train_pairs=relabelled_pairs_path(ctx, seed),
                         eval_pairs=None, cache_dir=out(ctx))  # fmt: skip
         return training_summary(s)
 
     return Stage(f"sweep-limits-dpo-shaped-seed{seed}", fn, ("dpo",),
-                 ("sweep-limits-shaped-pairs",),
-                 inputs=lambda c: [c.paths.sft, relabelled_pairs_path(c)],
+                 (f"sweep-limits-shaped-pairs-seed{seed}",),
+                 inputs=lambda c: [c.paths.sft, relabelled_pairs_path(c, seed)],
                  outputs=lambda c: [out(c) / "checkpoint.pt"], extra_key=lambda c: seed)  # fmt: skip
 
 
@@ -141,11 +142,11 @@ def _gt_kl(ctx: Context) -> float:
 
 
 def limit_stages(ctx: Context, seed: int) -> list[Stage]:
-    """Every stage of the limits experiments for one seed (the shared ones first)."""
+    """Every stage of the limits experiments for one seed (`EARLY_SFT_STAGE`, which every
+    seed shares, runs before them, in the run's own context)."""
     d = limits_dir(ctx, seed)
     return [
-        EARLY_SFT_STAGE,
-        RELABEL_STAGE,
+        relabel_stage(seed),
         reference_stage("weak-start", seed),
         reference_stage("weak-ref", seed),
         shaped_dpo_stage(seed),

@@ -9,11 +9,14 @@
         ppo-<rm|oracle>-kl<k>/    PPO against the reward model, PPO-GT against the oracle
         preferred-ft/  best-of-n/ eval/  plots/  report.md
         stages/<stage>.json       the stamp of each stage (`minidpo.stage`)
+        sweep/seed<s>/prefs/, rm/    the seed's own pairs and reward model
         sweep/seed<s>/<method folder>/  (`minidpo.stage.Method.sweep_dir`)
 
 A command may read its inputs from elsewhere (``--sft``, ``--pairs``, ``--eval-pairs``,
 ``--rm``): `RunPaths.inputs` holds those, and every stage asks this object, so the
-pipeline and the single-stage commands agree on every path.
+pipeline and the single-stage commands agree on every path. A sweep seed draws its own
+pairs and reward model into ``sweep/seed<s>/prefs`` and ``sweep/seed<s>/rm`` (the
+``prefs_dir`` and ``rm_dir`` inputs).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class RunPaths:
 
     @property
     def prefs_dir(self) -> Path:
-        return self.folder / "prefs"
+        """The pairs and their reference log-probs (a sweep seed's own: ``inputs["prefs_dir"]``)."""
+        return self.inputs.get("prefs_dir", self.folder / "prefs")
 
     @property
     def train_pairs(self) -> Path:
@@ -66,7 +70,7 @@ class RunPaths:
 
     @property
     def rm_dir(self) -> Path:
-        return self.folder / "rm"
+        return self.inputs.get("rm_dir", self.folder / "rm")
 
     @property
     def rm(self) -> Path:

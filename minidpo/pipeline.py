@@ -18,6 +18,7 @@ The sweep (`run_sweep`) reuses the same machinery for the reward-KL frontier: ev
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,17 +67,23 @@ class PipelineConfig:
     ppo_gt_kl_coef: float = _f(0.05, "KL coefficient of PPO-GT (PPO on the oracle reward)")
     frontier_samples_per_prompt: int = _f(
         8,
-        "samples per held-out prompt at each frontier point (8 x 40 prompts x 3 seeds: se < 0.05)",
+        "samples per held-out prompt at each frontier point and seed (8 x 40 prompts)",
     )
     reach_margin: float = _f(
         0.2, "cost table: time to first reach the SFT oracle reward + this margin"
     )
-    seeds: int = _f(3, "sweep: seeds per setting (seed, seed + 1, ...)")
+    seeds: int = _f(
+        5,
+        "sweep: seeds per setting (seed, seed + 1, ...), each with its own pairs and reward "
+        "model; intervals are t with seeds - 1 df",
+    )
     nll_remedy_alpha: float = _f(1.0, "DPO+NLL: weight of the chosen response's NLL (RPO's 1)")
     dpop_remedy_lambda: float = _f(50.0, "DPOP: lambda of its penalty (the DPOP paper's 50)")
     sweep_dpo_betas: str = _f("0.05,0.1,1,5", "sweep: DPO betas, comma-separated (the paper's)")
     sweep_ppo_kl_targets: str = _f(
-        "1,2,4", "sweep: KL targets (nats) of PPO's adaptive KL controller, comma-separated"
+        "0.25,1,4",
+        "sweep: KL targets (nats) of PPO's adaptive KL controller, comma-separated "
+        "(down to 0.25: PPO's frontier starts where DPO's does)",
     )
     sweep_unlikelihood_alphas: str = _f(
         "0.05,0.1,0.5,1", "sweep: Unlikelihood alphas, comma-separated (the paper's)"
@@ -90,10 +97,14 @@ class PipelineConfig:
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value (its flags are never
         prefixed: `flag_prefix` is there for the one signature every config's `validate` has)."""
-        for name in ("best_of_n", "best_of_n_samples_per_prompt", "frontier_samples_per_prompt",
-                     "seeds"):  # fmt: skip
+        for name in ("best_of_n", "best_of_n_samples_per_prompt", "frontier_samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.seeds < 2:
+            raise MinidpoError(
+                f"--seeds: the sweep needs at least 2 (its intervals are over seeds), got "
+                f"{self.seeds}"
+            )
         for name in ("nll_remedy_alpha", "dpop_remedy_lambda"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise MinidpoError(f"--{name.replace('_', '-')}: must be > 0 and finite")
@@ -223,29 +234,53 @@ def run_pipeline(ctx: Context, until: str | None = None) -> dict[str, dict]:
 def sweep_runs(ctx: Context) -> list[tuple[Method, float, int]]:
     """(method, value of its swept setting, seed) of every training run of the sweep."""
     p = ctx.cfg["pipeline"]
-    if p.seeds < 1:
-        raise MinidpoError(f"--seeds: must be >= 1, got {p.seeds}")
+    if p.seeds < 2:
+        raise MinidpoError(
+            f"--seeds: the sweep needs at least 2 (its intervals are over seeds), got {p.seeds}"
+        )
     return [(m, value, ctx.run.seed + i) for i in range(p.seeds) for m in METHODS
             for value in m.sweep(ctx)]  # fmt: skip
 
 
+# What a sweep seed draws anew: its preference pairs (samples and labels), their
+# reference log-probs and its reward model; the SFT policy is the run's, shared.
+SEED_DATA: list[Stage] = [PREFS_STAGE, dpo.REF_LOGPS_STAGE, RM_STAGE]
+
+
+def seed_context(ctx: Context, seed: int) -> Context:
+    """The context of one sweep seed: the run's settings and SFT, the seed's own pairs
+    and reward model under ``sweep/seed<s>/`` (`minidpo.paths`)."""
+    root = ctx.folder / "sweep" / f"seed{seed}"
+    inputs = {**ctx.inputs, "prefs_dir": root / "prefs", "rm_dir": root / "rm"}
+    return dataclasses.replace(ctx.with_seed(seed), inputs=inputs)
+
+
+def seed_data_stages(seed: int) -> list[Stage]:
+    """`SEED_DATA` as one seed's stages (``sweep-prefs-seed<s>``, ...)."""
+    return [dataclasses.replace(s, name=f"sweep-{s.name}-seed{seed}") for s in SEED_DATA]
+
+
 def run_sweep(ctx: Context) -> dict[str, Any]:
-    """The frontier sweep: shared SFT, pairs and reward model, then every (method,
-    setting, seed) run with snapshots, every snapshot evaluated, the frontier plotted;
-    then the limits experiments of each seed (`minidpo.limits`).
+    """The frontier sweep: the run's SFT, then per seed its own pairs and reward model
+    (`seed_context`), every (method, setting) run with snapshots and the limits
+    experiments (`minidpo.limits`); every snapshot evaluated, the frontier plotted.
 
     ``sweep/timing.json`` holds the cost of the sweep from scratch, from measured parts:
     every stage's wall time from its stamp (measured when it ran) and every evaluation's
     from its cache, so a rerun that skips everything reports the same total."""
     t0 = time.perf_counter()
-    stamps = run_stages(ctx, ["ref_logps", "rm"])  # what the sweep's runs share
     runs = sweep_runs(ctx)
-    for method, value, seed in runs:
-        run_stage(ctx, method.sweep_stage(ctx, value, seed), stamps)
+    stamps = run_stages(ctx, ["sft"])  # what every seed shares
+    run_stage(ctx, limits.EARLY_SFT_STAGE, stamps)
     seeds = sorted({seed for _, _, seed in runs})
     for seed in seeds:
-        for stage in limits.limit_stages(ctx, seed):
-            run_stage(ctx, stage, stamps)
+        sctx = seed_context(ctx, seed)
+        for stage in seed_data_stages(seed):
+            run_stage(sctx, stage, stamps)
+        for method, value, _ in (r for r in runs if r[2] == seed):
+            run_stage(sctx, method.sweep_stage(sctx, value, seed), stamps)
+        for stage in limits.limit_stages(sctx, seed):
+            run_stage(sctx, stage, stamps)
     ctx.log("[sweep] evaluating every snapshot")
     points = evaluate_sweep(ctx, [(m.name, m.sweep_label(v), m.sweep_dir(ctx, v, s), s)
                                   for m, v, s in runs])  # fmt: skip

@@ -24,8 +24,10 @@ import torch
 
 from minidpo.atomic import atomic_write_text
 from minidpo.evaluate import mean_se
+from minidpo.frontier import MatchedKL, matched_kl, upper_hull
 from minidpo.plots import figure, save_png
 from minidpo.stage import Context, Stage
+from minidpo.stats import HOLDS, NOT_HERE, UNDECIDED, above, normal_interval, t_quantile
 from minidpo.training import read_metrics
 
 METHOD_ORDER = ["SFT", "DPO", "DPO+NLL", "DPOP", "Online DPO", "PPO", "PPO-GT", "GRPO",
@@ -45,13 +47,14 @@ def load_results(folder: Path) -> dict[str, Any]:
 
 
 def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
-    """Points of the frontier plot and where they come from: the sweep (mean ± se over
-    seeds) when it ran, else the pipeline's own single-seed run.
+    """Points of the frontier plot and where they come from: the sweep (mean over seeds
+    per snapshot) when it ran, else the pipeline's own single-seed run.
 
     Each point has two standard errors of its reward: ``reward_se``, from the spread of
-    the seeds' means (training noise and sampling noise together; from 3 seeds, itself
-    a rough estimate), and ``sampling_se``, the sampling noise alone,
-    sqrt(sum_s se_s^2) / n over the seeds' own standard errors: what more samples shrink."""
+    the seeds' means (training, data and sampling noise together), and ``sampling_se``,
+    the sampling noise alone, sqrt(sum_s se_s^2) / n over the seeds' own standard errors:
+    what more samples shrink. ``reward_ci`` is the 95 % half-width: t with n - 1 df times
+    ``reward_se`` over n seeds, or 1.96 sampling se for one seed."""
     sweep = folder / "sweep" / "points.json"
     if sweep.exists():
         raw = json.loads(sweep.read_text())["points"]
@@ -69,26 +72,28 @@ def frontier_points(folder: Path) -> tuple[list[dict[str, Any]], str]:
                 "sampling_se": float(np.sqrt(sum(p["reward_se"] ** 2 for p in ps)) / n),
                 "kl": k_mean, "kl_se": k_se if n > 1 else (ps[0]["kl_se"] or 0.0),
                 "elapsed_s": float(np.mean([p["elapsed_s"] for p in ps])),
+                "reward_ci": (t_quantile(0.975, n - 1) * r_se if n > 1
+                              else 1.96 * ps[0]["reward_se"]),
             })  # fmt: skip
         results = folder / "eval" / "results.json"
         if results.exists():  # Best-of-N has no training run: its one point, from the pipeline
-            points += [dict(p, seeds=1, sampling_se=p["reward_se"])
+            points += [dict(p, seeds=1, sampling_se=p["reward_se"],
+                            reward_ci=1.96 * p["reward_se"])
                        for p in load_results(folder)["frontier"]
                        if p["method"].startswith("Best-of-")]  # fmt: skip
-        return points, f"sweep: mean ± se over {max(p['seeds'] for p in points)} seeds"
+        n = max(p["seeds"] for p in points)
+        return points, f"mean over {n} seeds; bars: 95 % t interval over seeds"
     results = load_results(folder)
-    return ([dict(p, seeds=1, sampling_se=p.get("reward_se")) for p in results["frontier"]],
-            "one seed; bars: sampling se")  # fmt: skip
+    return ([dict(p, seeds=1, sampling_se=p.get("reward_se"),
+                  reward_ci=1.96 * (p.get("reward_se") or 0.0)) for p in results["frontier"]],
+            "one seed; bars: 95 % over sampling")  # fmt: skip
 
 
-def pareto(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The upper frontier: sorted by KL, each point that beats all points with less KL."""
-    front, best = [], -np.inf
-    for p in sorted(points, key=lambda p: (p["kl"], -p["reward"])):
-        if p["reward"] > best:
-            front.append(p)
-            best = p["reward"]
-    return front
+def rising_hull(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frontier as drawn: the upper concave hull of a method's own points up to its
+    highest one (`minidpo.frontier`: a mixture of two snapshots reaches the chord)."""
+    hull = upper_hull(points)
+    return hull[: max(range(len(hull)), key=lambda i: hull[i]["reward"]) + 1] if hull else []
 
 
 # A point this far below SFT's reward has left the world (mostly unparseable text); it is
@@ -111,16 +116,16 @@ def plot_frontier(folder: Path, path: Path) -> Path:
             continue
         c = _color(m)
         ax.errorbar([p["kl"] for p in ps], [p["reward"] for p in ps],
-                    xerr=[p["kl_se"] or 0 for p in ps], yerr=[p["reward_se"] for p in ps],
+                    yerr=[p["reward_ci"] for p in ps],
                     fmt="o", ms=4, color=c, alpha=0.55, elinewidth=0.8, label=m)  # fmt: skip
-        front = pareto(ps + sft)
+        front = rising_hull(ps)
         ax.plot([p["kl"] for p in front], [p["reward"] for p in front], "-", color=c, lw=1.5)
     for p in sft:
-        ax.errorbar([0], [p["reward"]], yerr=[p["reward_se"]], fmt="*", ms=12, color="black",
+        ax.errorbar([0], [p["reward"]], yerr=[p["reward_ci"]], fmt="*", ms=12, color="black",
                     label="SFT (reference)")  # fmt: skip
     ax.set_xlabel("KL(π ‖ π_ref), nats per response (on the policy's own samples)")
     ax.set_ylabel("oracle reward r*, mean over held-out samples")
-    ax.set_title(f"Reward-KL frontier (lines: upper frontier per method; {source})")
+    ax.set_title(f"Reward-KL frontier (lines: each method's own frontier; {source})", fontsize=9)
     ax.axhline(sft[0]["reward"] if sft else 0, color="grey", lw=0.6, ls=":")
     ax.legend(frameon=False, fontsize=8, loc="best")
     for i, m in enumerate(sorted({p["method"] for p in off})):
@@ -311,6 +316,7 @@ def frontier_table(folder: Path) -> list[dict[str, Any]]:
         best = max(ps, key=lambda p: p["reward"])
         rows.append({"method": method, "setting": setting, "seeds": last["seeds"],
                      "reward": last["reward"], "reward_se": last["reward_se"],
+                     "reward_ci": last["reward_ci"], "best_reward_ci": best["reward_ci"],
                      "sampling_se": last["sampling_se"],
                      "kl": last["kl"], "kl_se": last["kl_se"],
                      "best_reward": best["reward"], "best_reward_se": best["reward_se"]})  # fmt: skip
@@ -324,14 +330,15 @@ def frontier_lines(folder: Path) -> list[str]:
     """`frontier_table` as markdown, then how many last snapshots meet `SE_TARGET`, by
     either standard error (see `frontier_points`)."""
     rows = frontier_table(folder)
-    over = "se over seeds" if any(r["seeds"] > 1 for r in rows) else "sampling se"
-    L = [f"| method | setting | oracle reward, last (± {over}) | sampling se | KL, last "
-         "| oracle reward, best snapshot |", "|---|---|---|---|---|---|"]  # fmt: skip
+    n = max((r["seeds"] for r in rows), default=1)
+    over = f"95 % t over {n} seeds" if n > 1 else "95 % over sampling, one seed"
+    L = [f"| method | setting | seeds | oracle reward, last (± {over}) | sampling se | KL, last "
+         "(± se) | oracle reward, best snapshot |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        L.append(f"| {r['method']} | {r['setting'] or '–'} | {r['reward']:+.3f} ± "
-                 f"{r['reward_se']:.3f} | {r['sampling_se']:.3f} | {r['kl']:.2f} ± "
+        L.append(f"| {r['method']} | {r['setting'] or '–'} | {r['seeds']} | {r['reward']:+.3f} ± "
+                 f"{r['reward_ci']:.3f} | {r['sampling_se']:.3f} | {r['kl']:.2f} ± "
                  f"{r['kl_se'] or 0:.2f} | {r['best_reward']:+.3f} ± "
-                 f"{r['best_reward_se']:.3f} |")  # fmt: skip
+                 f"{r['best_reward_ci']:.3f} |")  # fmt: skip
     sampling = [r for r in rows if r["sampling_se"] > SE_TARGET]
     seeded = [r for r in rows if r["seeds"] > 1]
     spread = [r for r in seeded if r["reward_se"] > SE_TARGET]
@@ -405,84 +412,81 @@ def displacement_lines(folder: Path) -> list[str]:
     return [*L, ""]
 
 
-def best_at(points: Sequence[dict[str, Any]], kl: float) -> dict[str, Any]:
-    """The upper frontier as a function: the best point among those with KL <= kl."""
-    return max((p for p in points if p["kl"] <= kl), key=lambda p: p["reward"])
+def raw_points(folder: Path) -> list[dict[str, Any]]:
+    """One point per (method, setting, seed, snapshot): the sweep's, else the pipeline's."""
+    sweep = folder / "sweep" / "points.json"
+    if sweep.exists():
+        return json.loads(sweep.read_text())["points"]
+    return load_results(folder)["frontier"]
 
 
-def matched_kl_gaps(
-    folder: Path, a: str = "DPO", b: str = "PPO"
-) -> list[tuple[float, float, float]]:
-    """(KL, best reward of a - best reward of b among points with at most that KL, the
-    standard error of that difference from the two points' own), on 5 KLs evenly from the
-    smallest KL where either method has a point to the smaller of the two methods' largest
-    KL. SFT (KL 0) belongs to both: a method that never beat it, or has no point yet at
-    that KL, has SFT's reward as its frontier."""
-    points, _ = frontier_points(folder)
-    sft = [p for p in points if p["method"] == "SFT"]
-    pa = [p for p in points if p["method"] == a] + sft
-    pb = [p for p in points if p["method"] == b] + sft
-    if len(pa) == len(sft) or len(pb) == len(sft):
+# The pairs of methods the report compares on matched KL, the headline first.
+COMPARISONS = [("DPO", "PPO"), ("GRPO", "PPO"), ("Online DPO", "DPO")]
+
+
+def compare(folder: Path, a: str = "DPO", b: str = "PPO") -> MatchedKL:
+    """`minidpo.frontier.matched_kl` of methods a and b on the run's per-seed points."""
+    return matched_kl(raw_points(folder), a, b)
+
+
+def comparison_text(m: MatchedKL) -> str:
+    """One sentence: where a and b were compared, the gaps and the verdict on a >= b."""
+    if m.overlap is None:
+        spans = "; ".join(f"{x} {lo:.2f}-{hi:.2f}" for x, (lo, hi) in m.ranges.items())
+        return (f"{m.a} vs {m.b}: no KL where every seed of both has points ({spans or 'none'} "
+                "nats), so this run cannot decide which frontier is higher.")  # fmt: skip
+    g = m.mean_gap
+    verdict = {HOLDS: f"{m.a}'s frontier is above {m.b}'s", NOT_HERE:
+               f"{m.a}'s frontier is below {m.b}'s", UNDECIDED:
+               "the run cannot tell the two frontiers apart"}[above(g)]  # fmt: skip
+    return (
+        f"{m.a} vs {m.b} on KL {m.overlap[0]:.2f}-{m.overlap[1]:.2f} nats (where both "
+        f"have points; {m.points[m.a]} and {m.points[m.b]} points): mean gap {m.a} − {m.b} "
+        f"{g.text()} (95 % interval over {g.over}); {verdict} there. Gaps: {m.where()}."
+    )
+
+
+def comparison_lines(folder: Path) -> list[str]:
+    """Every pair of `COMPARISONS` with points on both sides, compared on matched KL."""
+    points = raw_points(folder)
+    found = [matched_kl(points, a, b) for a, b in COMPARISONS]
+    found = [m for m in found if m.points[m.a] and m.points[m.b]]
+    if not found:
         return []
-    hi = min(max(p["kl"] for p in pa), max(p["kl"] for p in pb))
-    # from the smallest KL where either method has a point (below it both are SFT)
-    lo = min(p["kl"] for p in pa + pb if p["method"] != "SFT" and p["kl"] > 0) if hi > 0 else 0
-    if hi <= 0 or lo > hi:
-        return []
-    out = []
-    for k in np.linspace(lo, hi, 5):
-        ba, bb = best_at(pa, k), best_at(pb, k)
-        out.append((float(k), ba["reward"] - bb["reward"],
-                    float(np.hypot(ba.get("reward_se") or 0, bb.get("reward_se") or 0))))  # fmt: skip
-    return out
+    L = ["## Matched-KL comparisons", "",
+         "Each method's frontier is the upper concave hull of its own points (`minidpo.frontier`),"
+         " per seed; two methods are compared only on the KLs where every seed of both has "
+         "points, and the gap's interval is 95 % over seeds (t, paired by seed).", ""]  # fmt: skip
+    return [*L, *(f"- {comparison_text(m)}" for m in found), ""]
 
 
 def conclusion(folder: Path) -> str:
-    """The measured answer to: does DPO's frontier dominate PPO's here, and by how much?"""
+    """The measured answer to: is DPO's frontier above PPO's where both have points?"""
     final = load_results(folder)["final"]
-    gaps = matched_kl_gaps(folder)
     sft = final["SFT"]["reward_mean"]
-    lines = []
     best = max((m for m in final if m != "SFT"), key=lambda m: final[m]["reward_mean"])
-    lines.append(
-        f"Best final policy by oracle reward: {best} ({final[best]['reward_mean']:+.3f}, "
-        f"SFT {sft:+.3f})."
-    )
-    if not gaps:
+    lines = [f"Best final policy by oracle reward: {best} ({final[best]['reward_mean']:+.3f}, "
+             f"SFT {sft:+.3f})."]  # fmt: skip
+    m = compare(folder)
+    if not m.points.get("DPO") or not m.points.get("PPO"):
         lines.append("No DPO or no PPO points were measured, so no matched-KL comparison.")
     else:
-        where = ", ".join(f"{d:+.2f} ± {se:.2f} at KL {k:.2f}" for k, d, se in gaps)
-        above = sum(d > 2 * se for _, d, se in gaps)
-        below = sum(d < -2 * se for _, d, se in gaps)
-        n = len(gaps)
-        if above == n:
-            verdict = "DPO's frontier dominates PPO's at every matched KL, beyond 2 standard errors"
-        elif below == n:
-            verdict = "PPO's frontier dominates DPO's at every matched KL, beyond 2 standard errors"
-        elif below == 0 and above > 0:
-            verdict = (f"DPO's frontier is above PPO's by more than 2 standard errors at {above} "
-                       f"of {n} matched KLs and within noise at the others")  # fmt: skip
-        elif above == 0 and below > 0:
-            verdict = (f"PPO's frontier is above DPO's by more than 2 standard errors at {below} "
-                       f"of {n} matched KLs and within noise at the others")  # fmt: skip
-        elif above == 0 and below == 0:
-            verdict = "the two frontiers agree within 2 standard errors at every matched KL"
-        else:
-            verdict = "the frontiers cross: neither dominates"
-        lines.append(f"{verdict} (best DPO − best PPO oracle reward at KL ≤ k: {where}).")
-        agrees = above == n
-        lines.append(
-            "The paper's Figure 2 finds DPO's frontier above PPO's at every KL; "
-            + ("this run agrees." if agrees else "this run does not show that clearly.")
-        )
-    settings = {p["method"]: p["setting"] for p in load_results(folder)["frontier"]}
-    for m in ("DPO", "PPO", "PPO-GT"):
-        if m in final:
-            d = final[m]["reward_mean"] - sft
-            se = float(np.hypot(final[m]["reward_se"], final["SFT"]["reward_se"]))
-            tag = "above" if d > 2 * se else "below" if d < -2 * se else "within 2 se of"
-            lines.append(f"At the pipeline's setting{_setting(settings.get(m))}, {m} ends {tag} "
-                         f"SFT ({d:+.3f} ± {se:.3f}).")  # fmt: skip
+        lines.append(comparison_text(m))
+        agrees = m.overlap is not None and above(m.mean_gap) == HOLDS
+        lines.append("The paper's Figure 2 finds DPO's frontier above PPO's at every KL; "
+                     + ("this run agrees on the overlap." if agrees else
+                        "this run does not show that."))  # fmt: skip
+    settings = {p["method"]: p.get("setting") for p in load_results(folder)["frontier"]}
+    for name in ("DPO", "PPO", "PPO-GT"):
+        if name in final:
+            d = final[name]["reward_mean"] - sft
+            se = float(np.hypot(final[name]["reward_se"], final["SFT"]["reward_se"]))
+            iv = normal_interval(d, se, over="sampling, one seed")
+            tag = {HOLDS: "above", NOT_HERE: "below", UNDECIDED: "not distinguishable from"}[
+                above(iv)
+            ]
+            lines.append(f"At the pipeline's setting{_setting(settings.get(name))}, {name} ends "
+                         f"{tag} SFT ({iv.text()}, 95 % over sampling).")  # fmt: skip
     return " ".join(lines)
 
 
@@ -531,7 +535,7 @@ def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
     sweep_timing = folder / "sweep" / "timing.json"
     _, source = frontier_points(folder)
     L = [f"# minidpo report: {folder.name}", ""]
-    L += ["## Conclusion", "", conclusion(folder), "", *extra]
+    L += [*comparison_lines(folder), "## Conclusion", "", conclusion(folder), "", *extra]
     L += [f"## Held-out evaluation ({spp} samples per held-out prompt; oracle reward ± se)", ""]
     L += [
         "Outside the pairs: the share of samples that are none of the held-out pairs'"

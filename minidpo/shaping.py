@@ -11,6 +11,11 @@ can come is to relabel its offline pairs by Bradley-Terry on r_shaped (same prom
 same responses, the offline labeller) and train on those: `relabel_pairs`. Every
 policy is then measured on both r_shaped and r* (`minidpo.limits`).
 
+The default charges every sentence beyond the first: r* pays for each true fact, so the
+term conflicts with r* and a method that optimises r_shaped must visibly trade r* for
+it. That is the ledger's positive control (`minidpo.claims.shaping_row`): if PPO and GRPO
+gain nothing on r_shaped either, the run cannot tell what DPO misses.
+
 Sentences are counted as the oracle splits them (`minidpo.oracle.reward_breakdown`'s
 labels), so an unparseable fragment counts as a sentence too.
 """
@@ -35,10 +40,10 @@ from minidpo.world import load_world
 
 @dataclass
 class ShapingConfig:
-    """The auxiliary reward: a penalty per sentence beyond the first few."""
+    """The auxiliary reward: a penalty per sentence beyond the first."""
 
     weight: float = _f(0.5, "penalty per sentence beyond --free-sentences (r* units)")
-    free_sentences: int = _f(2, "sentences a response may have before the penalty starts")
+    free_sentences: int = _f(1, "sentences a response may have before the penalty starts")
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value."""

@@ -247,3 +247,44 @@ def test_a_malformed_checkpoint_is_one_line_naming_it(tmp_path, capsys, tiny_sft
     assert f"{bad}: malformed checkpoint" in line
     with pytest.raises(MinidpoError, match="malformed checkpoint"):
         build_reward_model(ckpt, bad)  # the reward model's loader says the same
+
+
+def test_ppo_and_grpo_on_the_shaped_reward_on_tiny(tmp_path, capsys, tiny_sft):
+    """`--reward shaped`: the limits experiments' stage, scored by r_shaped (here -10 per
+    sentence, none free, so every rollout scores well below its r*), into its own run."""
+    from minidpo.training import read_metrics
+
+    common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu",
+              "--sft", str(tiny_sft), "--reward", "shaped", "--shaping-weight", "10",
+              "--shaping-free-sentences", "0"]  # fmt: skip
+    run = tmp_path / "default"
+    assert main(["ppo", *common]) == 0
+    out = capsys.readouterr().out
+    assert "ppo-shaped-kl0.05" in out and "last rollouts r_shaped" in out
+    summary = json.loads((run / "stages" / "ppo_shaped.json").read_text())["summary"]
+    assert summary["rollout_scores"] < summary["rollout_oracle"] - 5
+    rows = [r for r in read_metrics(run / "ppo-shaped-kl0.05" / "metrics.jsonl")
+            if "objective/scores" in r]  # fmt: skip
+    assert rows and all(r["objective/scores"] < r["objective/oracle"] - 5 for r in rows)
+    assert not (run / "ppo-rm-kl0.05").exists() and not (run / "ppo-oracle-kl0.05").exists()
+
+    assert main(["grpo", *common]) == 0
+    assert "last rollouts r_shaped" in capsys.readouterr().out
+    (folder,) = run.glob("grpo-shaped-beta*")
+    rows = [r for r in read_metrics(folder / "metrics.jsonl") if "objective/scores" in r]
+    assert rows and all(r["objective/scores"] < r["objective/oracle"] - 5 for r in rows)
+    assert (run / "stages" / "grpo_shaped.json").exists()
+
+
+@pytest.mark.parametrize("command", ["ppo", "grpo"])
+def test_bad_reward_and_shaping_flags_are_one_line(tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--runs-dir", str(tmp_path), "--reward", "shapd"])
+    assert e.value.code == 2
+    (line,) = _err_lines(capsys)
+    assert "--reward" in line and "'shapd'" in line and "shaped" in line
+    assert main([command, "--preset", "tiny", "--runs-dir", str(tmp_path), "--reward", "shaped",
+                 "--shaping-weight", "-1"]) == 2  # fmt: skip
+    (line,) = _err_lines(capsys)
+    assert line.startswith("minidpo: error: --shaping-weight: must be finite and >= 0")
+    assert not (tmp_path / "default").exists()

@@ -17,22 +17,25 @@ import pytest
 import torch
 
 from minidpo.baselines import best_of_n_curve, best_of_n_kl
-from minidpo.claims import HOLDS, NOT_HERE, NOT_YET, PARTLY, code_lines, ledger
+from minidpo.claims import code_lines, ledger
 from minidpo.cli import _context, build_parser, main
 from minidpo.comparison import outside_pairs_share
 from minidpo.errors import MinidpoError
 from minidpo.pipeline import METHODS, STAGE_NAMES, run_pipeline
 from minidpo.report import (
     _color,
+    compare,
+    comparison_text,
+    conclusion,
     cost_table,
     displacement_table,
     frontier_lines,
     frontier_table,
-    matched_kl_gaps,
-    pareto,
+    rising_hull,
     smooth,
 )
 from minidpo.sampling import Sample
+from minidpo.stats import HOLDS, INCONCLUSIVE, NOT_HERE, NOT_YET, UNDECIDED
 
 
 def ctx_for(root: Path, name: str, *extra: str):
@@ -162,7 +165,7 @@ def test_unknown_force_stage_is_one_line_exit_2(tmp_path, capsys):
         (["--sweep-dpo-betas", ""], "--sweep-dpo-betas: expected positive numbers"),
         (["--nll-remedy-alpha", "-1"], "--nll-remedy-alpha: must be > 0"),
         (["--dpop-remedy-lambda", "inf"], "--dpop-remedy-lambda: must be > 0"),
-        (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--seeds", "0"], "--seeds: the sweep needs at least 2"),
         (["--ppo-gt-kl-coef", "0"], "--ppo-gt-kl-coef: must be > 0"),
         (["--ppo-kl-coef", "-1"], "--ppo-kl-coef: must be > 0"),
     ],
@@ -174,36 +177,37 @@ def test_bad_pipeline_setting_is_one_line_exit_2_before_any_work(tmp_path, capsy
     assert not any(tmp_path.iterdir()), "nothing may be written"
 
 
-def test_pareto_keeps_points_that_beat_everything_with_less_kl():
-    pts = [{"kl": k, "reward": r} for k, r in [(0, 0.0), (1, 0.5), (2, 0.3), (3, 0.9), (4, 0.9)]]
-    assert [(p["kl"], p["reward"]) for p in pareto(pts)] == [(0, 0.0), (1, 0.5), (3, 0.9)]
+def test_the_drawn_frontier_is_the_rising_part_of_the_hull():
+    pts = [{"kl": k, "reward": r} for k, r in [(0.5, 0.0), (1, 0.5), (2, 0.3), (3, 0.9), (4, 0.8)]]
+    assert [(p["kl"], p["reward"]) for p in rising_hull(pts)] == [(0.5, 0.0), (1, 0.5), (3, 0.9)]
 
 
-def test_pareto_matches_a_brute_force_definition():
-    rng = np.random.default_rng(0)
-    pts = [{"kl": float(k), "reward": float(r)} for k, r in rng.random((40, 2))]
-    front = pareto(pts)
-    brute = [p for p in pts if all(q["reward"] < p["reward"] for q in pts if q["kl"] < p["kl"])]
-    key = lambda p: (p["kl"], p["reward"])  # noqa: E731
-    assert sorted(map(key, front)) == sorted(map(key, brute))
-
-
-def test_matched_kl_gaps_compare_the_best_reward_at_each_kl(tmp_path):
+def test_the_report_compares_only_where_both_methods_have_points(tmp_path):
+    """SFT is no stand-in: DPO up to KL 0.5 and PPO from 0.8 have no KL in common, so the
+    conclusion says the run cannot decide; with a PPO point at 0.3 they overlap on
+    0.3-0.5, and DPO is above there."""
     pts = [
-        {"method": "SFT", "kl": 0.0, "reward": 0.0, "reward_se": 0.0, "step": 0},
-        {"method": "DPO", "kl": 1.0, "reward": -1.0, "step": 1},  # never beats SFT
-        {"method": "DPO", "kl": 5.0, "reward": -2.0, "step": 2},
-        {"method": "PPO", "kl": 1.5, "reward": 0.5, "reward_se": 0.1, "step": 1},
-        {"method": "PPO", "kl": 4.0, "reward": 1.0, "reward_se": 0.1, "step": 2},
+        {"method": "SFT", "kl": 0.0, "reward": 0.0, "reward_se": 0.01, "step": 0, "seed": 0},
+        {"method": "DPO", "kl": 0.2, "reward": 0.6, "reward_se": 0.01, "step": 1, "seed": 0},
+        {"method": "DPO", "kl": 0.5, "reward": 0.9, "reward_se": 0.01, "step": 2, "seed": 0},
+        {"method": "PPO", "kl": 0.8, "reward": 0.5, "reward_se": 0.01, "step": 1, "seed": 0},
+        {"method": "PPO", "kl": 4.0, "reward": 1.0, "reward_se": 0.01, "step": 2, "seed": 0},
     ]
+    final = {m: {"reward_mean": 0.5, "reward_se": 0.01} for m in ("SFT", "DPO", "PPO")}
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": pts}))
-    gaps = matched_kl_gaps(tmp_path)
-    # compared from KL 1 (the first point of either) up to KL 4 (PPO's largest); DPO's
-    # frontier is SFT's reward, 0, throughout, and so is PPO's below its first point
-    assert [k for k, _, _ in gaps] == pytest.approx([1.0, 1.75, 2.5, 3.25, 4.0])
-    assert [d for _, d, _ in gaps] == pytest.approx([0.0, -0.5, -0.5, -0.5, -1.0])
-    assert [se for _, _, se in gaps] == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1])
+
+    def write(points):
+        (tmp_path / "eval" / "results.json").write_text(json.dumps({"frontier": points,
+                                                                    "final": final}))  # fmt: skip
+
+    write(pts)
+    assert compare(tmp_path).overlap is None
+    assert "cannot decide" in conclusion(tmp_path)
+    write([*pts, {"method": "PPO", "kl": 0.3, "reward": 0.1, "reward_se": 0.01, "step": 0,
+                  "seed": 0}])  # fmt: skip
+    m = compare(tmp_path)
+    assert m.overlap == pytest.approx((0.3, 0.5))
+    assert "DPO's frontier is above PPO's" in comparison_text(m)
 
 
 def test_frontier_table_keeps_each_runs_last_and_best_snapshot(tmp_path):
@@ -259,7 +263,7 @@ def test_smooth_is_a_trailing_mean():
     assert smooth([1, 2, 3, 4, 5, 6], window=3).tolist() == pytest.approx([1, 1.5, 2, 3, 4, 5])
 
 
-VERDICTS = (HOLDS, PARTLY, NOT_HERE, NOT_YET)
+VERDICTS = (HOLDS, NOT_HERE, UNDECIDED, INCONCLUSIVE, NOT_YET)
 
 
 def _counted(x):
@@ -348,7 +352,7 @@ def test_tiny_sweep_runs_every_method_and_the_limits_and_keeps_its_timing(tmp_pa
     rows = {r["claim"]: r for r in ledger(folder)}
     for claim in ("Offline only (limitation 1)", "Depends on the reference model (limitation 2)",
                   "No reward shaping (limitation 3)", "GRPO: a middle ground between PPO and DPO"):  # fmt: skip
-        assert rows[claim]["verdict"] in (HOLDS, PARTLY, NOT_HERE), rows[claim]
+        assert rows[claim]["verdict"] in (HOLDS, NOT_HERE, UNDECIDED, INCONCLUSIVE), rows[claim]
     timing = json.loads((folder / "sweep" / "timing.json").read_text())
     assert timing["wall_s"] == pytest.approx(sum(timing["stages"].values()))
     assert main([*args, "--force", "report"]) == 0
