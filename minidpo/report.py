@@ -355,6 +355,59 @@ def frontier_lines(folder: Path) -> list[str]:
     return L
 
 
+def convergence_table(folder: Path) -> list[dict[str, Any]]:
+    """Per DPO-family sweep run: each seed's last step, and on how many seeds the
+    convergence rule (not the step cap) ended it (``summary.json``'s ``converged_step``)."""
+    rows = []
+    for pattern in DPO_FAMILY:
+        for run in sorted(
+            {p.parent.name for p in folder.glob(f"sweep/seed*/{pattern}/summary.json")}
+        ):
+            got = [
+                json.loads(p.read_text())
+                for p in sorted(folder.glob(f"sweep/seed*/{run}/summary.json"))
+            ]
+            got = [s for s in got if "converged_step" in s]
+            if got:
+                rows.append({"run": run, "steps": [int(s["steps_done"]) for s in got],
+                             "converged": sum(s["converged_step"] is not None for s in got)})  # fmt: skip
+    return rows
+
+
+def separation(points: Sequence[dict[str, Any]], method: str) -> list[tuple[str, str, int | None]]:
+    """For each pair of `method`'s settings: the first snapshot step at which their points
+    differ on some seed (None: identical at every common snapshot). The adaptive KL
+    controller clips its error, so its runs at different targets can coincide for a while."""
+    at: dict[str, dict[tuple[int, int], tuple[float, float]]] = defaultdict(dict)
+    for p in points:
+        if p["method"] == method and p["step"] > 0:
+            at[p["setting"]][(int(p["step"]), int(p.get("seed", 0)))] = (p["reward"], p["kl"])
+    out = []
+    names = sorted(at)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            common = sorted(set(at[a]) & set(at[b]))
+            first = next(
+                (step for step, seed in common if at[a][(step, seed)] != at[b][(step, seed)]), None
+            )
+            out.append((a, b, first))
+    return out
+
+
+def training_rule_lines(folder: Path) -> list[str]:
+    """How the sweep's runs ended: DPO's convergence rule against its cap, and where PPO's
+    adaptive runs part (measured, `separation`)."""
+    L = []
+    for r in convergence_table(folder):
+        L.append(f"- {r['run']}: stopped at steps {', '.join(map(str, r['steps']))}; the "
+                 f"validation-loss rule ended {r['converged']} of {len(r['steps'])} seeds "
+                 "(the others ran to the step cap)")  # fmt: skip
+    for a, b, first in separation(raw_points(folder), "PPO"):
+        L.append(f"- PPO {a} and {b}: " + ("identical at every common snapshot" if first is None
+                 else f"identical before iteration {first}, apart from it on"))  # fmt: skip
+    return ["How the runs ended (the sweep's seeds):", "", *L, ""] if L else []
+
+
 def _reference_means(folder: Path) -> tuple[float, float] | None:
     """Mean log pi_ref(y_w|x) and log pi_ref(y_l|x) over the held-out pairs (the cache)."""
     found = sorted((folder / "prefs").glob("eval.ref-*.pt"))
@@ -512,7 +565,10 @@ def reward_model_lines(folder: Path, stamps: dict[str, dict]) -> list[str]:
     return [
         "## Reward model", "",
         f"Held-out pair accuracy {rm['heldout_accuracy']:.1%} (the checkpoint with the best "
-        f"held-out accuracy{'' if best is None else f', step {best}'}), against a ceiling of "
+        f"accuracy on {rm.get('n_validation_pairs', '–')} validation pairs carved from the "
+        f"training pairs, {fmt(rm.get('validation_accuracy'), '.1%')}"
+        f"{'' if best is None else f', step {best}'}; the held-out pairs took no part in the "
+        "choice), against a ceiling of "
         f"{fmt(rm.get('heldout_ceiling'), '.1%')}: the oracle's own agreement with the same "
         "Bradley-Terry labels (ties count one half); gap "
         f"{fmt(None if rm.get('heldout_gap') is None else 100 * rm['heldout_gap'], '.1f')} "
@@ -557,6 +613,7 @@ def write_report(folder: str | Path, extra: Sequence[str] = ()) -> Path:
         *frontier_lines(folder),
         "",
     ]
+    L += training_rule_lines(folder)
     L += displacement_lines(folder)
     L += ["## Cost per method", ""]
     rows = cost_table(folder)

@@ -32,7 +32,9 @@ from minidpo.report import (
     frontier_lines,
     frontier_table,
     rising_hull,
+    separation,
     smooth,
+    training_rule_lines,
 )
 from minidpo.sampling import Sample
 from minidpo.stats import HOLDS, INCONCLUSIVE, NOT_HERE, NOT_YET, UNDECIDED
@@ -365,3 +367,25 @@ def test_tiny_sweep_runs_every_method_and_the_limits_and_keeps_its_timing(tmp_pa
 def test_every_method_has_its_own_colour_on_the_plots():
     names = ["SFT", *(m.name for m in METHODS), "Best-of-N"]
     assert len({_color(n) for n in names}) == len(names)
+
+
+def test_separation_finds_where_two_settings_part():
+    def pt(setting, step, reward, seed=0):
+        return {"method": "PPO", "setting": setting, "step": step, "seed": seed,
+                "reward": reward, "kl": reward / 2}  # fmt: skip
+
+    same = [pt(t, s, 1.0 + s / 10) for t in ("target=1", "target=4") for s in (1, 2, 4)]
+    assert separation(same, "PPO") == [("target=1", "target=4", None)]
+    apart = [*same[:3], pt("target=4", 1, 1.1), pt("target=4", 2, 1.2), pt("target=4", 4, 9.0)]
+    assert separation(apart, "PPO") == [("target=1", "target=4", 4)]
+
+
+def test_training_rule_lines_say_which_seeds_converged(tmp_path):
+    for seed, (steps, conv) in enumerate([(300, 300), (1000, None)]):
+        run = tmp_path / "sweep" / f"seed{seed}" / "dpo-beta0.1"
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"steps_done": steps, "converged_step": conv}))
+    (tmp_path / "sweep" / "points.json").write_text(json.dumps({"points": []}))
+    lines = training_rule_lines(tmp_path)
+    assert any("dpo-beta0.1: stopped at steps 300, 1000" in x and "ended 1 of 2 seeds" in x
+               for x in lines), lines  # fmt: skip
