@@ -402,19 +402,22 @@ def hacking_row(folder: Path) -> dict[str, str]:
         return _missing(claim, "best − last snapshot")
     drops, verdicts = [], []
     for setting, by_step in sorted(runs.items()):
-        last = max(by_step)
-        best = max(by_step, key=lambda s: np.mean([p["reward"] for p in by_step[s]]))
-        b = {int(p.get("seed", 0)): p for p in by_step[best]}
-        e = {int(p.get("seed", 0)): p for p in by_step[last]}
-        if len(set(b) & set(e)) >= 2:
-            iv = _paired(
-                {s: p["reward"] for s, p in b.items()}, {s: p["reward"] for s, p in e.items()}
-            )
+        # each seed stops at its own step: its last snapshot is its own; the best step is
+        # chosen by the seed mean among the steps every seed reached
+        per_seed: dict[int, dict[int, dict]] = defaultdict(dict)
+        for step, ps in by_step.items():
+            for p in ps:
+                per_seed[int(p.get("seed", 0))][step] = p
+        common = set.intersection(*(set(v) for v in per_seed.values()))
+        best = max(common, key=lambda st: np.mean([v[st]["reward"] for v in per_seed.values()]))
+        pairs = [(v[best], v[max(v)]) for _, v in sorted(per_seed.items())]
+        gaps = [b["reward"] - e["reward"] for b, e in pairs]
+        if len(gaps) >= 2:
+            iv = t_interval(gaps)
         else:
-            (s,) = set(b) & set(e)
-            iv = normal_interval(b[s]["reward"] - e[s]["reward"],
-                                 float(np.hypot(b[s]["reward_se"], e[s]["reward_se"])))  # fmt: skip
-        drops.append(f"{setting} step {best}→{last} {_iv(iv, '+.3f')}")
+            ((b, e),) = pairs
+            iv = normal_interval(gaps[0], float(np.hypot(b["reward_se"], e["reward_se"])))
+        drops.append(f"{setting} best step {best} → each seed's last {_iv(iv, '+.3f')}")
         verdicts.append(below(iv, margin))
     return _row(
         claim,
