@@ -365,9 +365,12 @@ def _rose(folder: Path) -> tuple[list[tuple[str, float]], Interval | None]:
         return found, seed_interval(by_run[run])
     summary = folder / "prefs" / "summary.json"
     n = json.loads(summary.read_text())["eval"]["pairs"] if summary.exists() else None
+    if not n:
+        return found, None
     share = found[0][1]
-    iv = normal_interval(share, np.sqrt(share * (1 - share) / n), over=f"{n} held-out pairs")
-    return found, iv if n else None
+    return found, normal_interval(
+        share, np.sqrt(share * (1 - share) / n), over=f"{n} held-out pairs"
+    )
 
 
 def displacement_row(folder: Path) -> dict[str, str]:

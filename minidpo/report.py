@@ -399,9 +399,10 @@ def training_rule_lines(folder: Path) -> list[str]:
     adaptive runs part (measured, `separation`)."""
     L = []
     for r in convergence_table(folder):
+        capped = len(r["steps"]) - r["converged"]
         L.append(f"- {r['run']}: stopped at steps {', '.join(map(str, r['steps']))}; the "
-                 f"validation-loss rule ended {r['converged']} of {len(r['steps'])} seeds "
-                 "(the others ran to the step cap)")  # fmt: skip
+                 f"validation-loss rule ended {r['converged']} of {len(r['steps'])} seeds"
+                 + (f", the step cap {capped}" if capped else ""))  # fmt: skip
     for a, b, first in separation(raw_points(folder), "PPO"):
         L.append(f"- PPO {a} and {b}: " + ("identical at every common snapshot" if first is None
                  else f"identical before iteration {first}, apart from it on"))  # fmt: skip

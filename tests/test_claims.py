@@ -255,3 +255,10 @@ def test_every_row_says_not_measured_on_an_empty_run(tmp_path):
             claims.online_row(f), claims.reference_row(f), claims.shaping_row(f),
             claims.grpo_row(f)]  # fmt: skip
     assert {r["verdict"] for r in rows} == {NOT_YET}
+
+
+def test_displacement_row_of_one_run_without_its_pair_count_is_not_measured(tmp_path):
+    f = _folder(tmp_path, [])
+    (f / "sweep" / "points.json").unlink()
+    _metrics(f, "dpo-sigmoid-beta0.1", [{"step": 50, "eval/logps/chosen_rose": 0.42}])
+    assert claims.displacement_row(f)["verdict"] == NOT_YET

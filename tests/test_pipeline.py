@@ -387,5 +387,5 @@ def test_training_rule_lines_say_which_seeds_converged(tmp_path):
         (run / "summary.json").write_text(json.dumps({"steps_done": steps, "converged_step": conv}))
     (tmp_path / "sweep" / "points.json").write_text(json.dumps({"points": []}))
     lines = training_rule_lines(tmp_path)
-    assert any("dpo-beta0.1: stopped at steps 300, 1000" in x and "ended 1 of 2 seeds" in x
-               for x in lines), lines  # fmt: skip
+    assert any("dpo-beta0.1: stopped at steps 300, 1000" in x and "ended 1 of 2 seeds, the "
+               "step cap 1" in x for x in lines), lines  # fmt: skip
