@@ -67,6 +67,7 @@ from minidpo.pipeline import (
     run_pipeline,
     run_stage,
     run_sweep,
+    sweep_runs,
 )
 from minidpo.policy import load_policy
 from minidpo.ppo import PPOConfig
@@ -490,6 +491,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     """Every stage in order, each skipped when done; --sweep adds the frontier sweep."""
 
     ctx = _context(args)
+    if args.sweep:
+        sweep_runs(ctx)  # its own checks, before the pipeline runs
     t0 = time.perf_counter()
     run_pipeline(ctx)
     if args.sweep:
@@ -500,11 +503,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    args.sweep = True
-    return cmd_pipeline(args)
-
-
+# `minidpo demo`'s methods (`--methods`): DPO and the RLHF pipeline it replaces; every
+# other method runs in `minidpo pipeline` and the sweep.
+DEMO_METHODS = "dpo,ppo"
 Handler = Callable[[argparse.Namespace], int]
 STAGE_GROUPS = [
     (TokenizerConfig, "tokenizer"),
@@ -602,8 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, handler, help_ in (
         ("pipeline", cmd_pipeline, "every stage in order, then the evaluation, plots and report"),
-        ("demo", cmd_pipeline, "the main job (what `make demo` runs): the pipeline, cpu preset"),
-        ("sweep", cmd_sweep, "the pipeline, then the reward-KL frontier sweep (seeds x settings)"),
+        (
+            "demo",
+            cmd_pipeline,
+            "the main job (what `make demo` runs): SFT, then DPO against RLHF "
+            "(reward model + PPO), evaluated, plotted, reported",
+        ),
+        (
+            "sweep",
+            cmd_pipeline,
+            "the pipeline, then the reward-KL frontier sweep (seeds x settings)",
+        ),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
         add_dataclass_args(p, RunConfig, "run", skip=("force",))
@@ -612,9 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
             add_dataclass_args(p, cls, group, prefix)
         p.add_argument("--force", action="append", metavar="STAGE",
                        help=f"rerun this stage (repeatable): {', '.join(STAGE_NAMES)}")  # fmt: skip
-        if name != "sweep":
+        if name == "pipeline":
             p.add_argument("--sweep", action="store_true", help="also run the frontier sweep")
-        p.set_defaults(handler=handler, prefixed=tuple(g for g in GROUPS if g != "pipeline"))
+        p.set_defaults(handler=handler, prefixed=tuple(g for g in GROUPS if g != "pipeline"),
+                       sweep=name == "sweep")  # fmt: skip
+        if name == "demo":  # the race the project measures: DPO against RLHF (RM + PPO)
+            p.set_defaults(methods=DEMO_METHODS)
     p = sub.add_parser("score", help="the oracle reward of a response, rule by rule")
     p.add_argument("prompt", help='e.g. "Explain gravity."')
     p.add_argument("response", help="the response text")

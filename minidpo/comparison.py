@@ -141,10 +141,10 @@ def _best_of_n(ctx: Context, sft_rewards: list[float]) -> tuple[EvalResult, list
     return result, rows
 
 
-def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
-    """Evaluate SFT, every method and Best-of-N; writes ``eval/results.json``. Returns the
-    final reward and KL of each, and what the report needs of the methods: the stages
-    each one's cost counts, and its setting."""
+def evaluate_all(ctx: Context, methods: Sequence[Method], best_of_n: bool = True) -> dict[str, Any]:
+    """Evaluate SFT, every method and Best-of-N (unless `best_of_n` is False); writes
+    ``eval/results.json``. Returns the final reward and KL of each, and what the report
+    needs of the methods: the stages each one's cost counts, and its setting."""
     ev, p = ctx.cfg["eval"], ctx.cfg["pipeline"]
     ref, tok, sft_result, sft_samples, sft_rewards = _sft_reference(ctx, ev.samples_per_prompt)
     final = {"SFT": {**sft_result.to_dict(),
@@ -161,15 +161,19 @@ def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
         outside = outside_pairs_share(samples, ctx.paths.eval_pairs)
         final[method], rewards[method] = {**result.to_dict(), "outside_pairs": outside}, r
         gravity[method] = _gravity(model, tok, ctx)
-    bon_result, bon = _best_of_n(ctx, sft_rewards)
-    name = f"Best-of-{p.best_of_n}"
-    final[name] = {**bon_result.to_dict(), "kl_mean": best_of_n_kl(p.best_of_n), "kl_se": 0.0,
-                   "kl_note": "closed form log N - (N-1)/N"}  # fmt: skip
-    rewards[name] = [x["oracle"] for x in bon[: len(bon) - GRAVITY_SAMPLES]]
-    gravity[name] = [{"response": x["response"], "terminated": x["terminated"], "oracle": x["oracle"]}
-                     for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
+    cost = {m.name: [*m.cost_with, m.stage.name] for m in methods}
+    curve = []
+    if best_of_n:
+        bon_result, bon = _best_of_n(ctx, sft_rewards)
+        name = f"Best-of-{p.best_of_n}"
+        final[name] = {**bon_result.to_dict(), "kl_mean": best_of_n_kl(p.best_of_n), "kl_se": 0.0,
+                       "kl_note": "closed form log N - (N-1)/N"}  # fmt: skip
+        rewards[name] = [x["oracle"] for x in bon[: len(bon) - GRAVITY_SAMPLES]]
+        gravity[name] = [{"response": x["response"], "terminated": x["terminated"],
+                          "oracle": x["oracle"]} for x in bon[len(bon) - GRAVITY_SAMPLES:]]  # fmt: skip
+        curve = json.loads(ctx.paths.best_of_n_samples.with_name("curve.json").read_text())["curve"]
+        cost[name] = ["rm", "best_of_n"]
     frontier = _frontier(ctx, methods, ref, tok, sft_result, sft_rewards)
-    curve = json.loads(ctx.paths.best_of_n_samples.with_name("curve.json").read_text())["curve"]
     frontier += [{"method": "Best-of-N", "setting": f"N={c['n']}", "seed": ctx.run.seed,
                   "step": 0, "elapsed_s": 0.0, "reward": c["reward"], "reward_se": c["reward_se"],
                   "kl": c["kl"], "kl_se": 0.0} for c in curve if c["n"] > 1]  # fmt: skip
@@ -183,9 +187,8 @@ def evaluate_all(ctx: Context, methods: Sequence[Method]) -> dict[str, Any]:
         "reach_margin": p.reach_margin,
     }
     atomic_write_json(ctx.paths.results, out)
-    cost = {m.name: [*m.cost_with, m.stage.name] for m in methods}
     return {"final": {m: {"reward": r["reward_mean"], "kl": r["kl_mean"]} for m, r in final.items()},
-            "methods": {**cost, name: ["rm", "best_of_n"]},
+            "methods": cost,
             "settings": {m.name: m.setting(ctx) for m in methods}}  # fmt: skip
 
 
@@ -239,13 +242,18 @@ def evaluate_sweep(ctx: Context, runs: Sequence[tuple[str, str, Path, int]]) -> 
     return points
 
 
-def eval_stage(methods: Sequence[Method]) -> Stage:
-    """The evaluation stage of the pipeline whose methods are `methods`."""
+def eval_stage(methods: Sequence[Method], best_of_n: bool = True) -> Stage:
+    """The evaluation stage of the pipeline whose methods are `methods` (and Best-of-N)."""
+
+    def bon(c: Context) -> list[Path]:
+        samples = c.paths.best_of_n_samples
+        return [samples, samples.with_name("curve.json")] if best_of_n else []
+
     return Stage(
-        "eval", lambda ctx, resume: evaluate_all(ctx, methods), ("eval",),
-        (*(m.stage.name for m in methods), "best_of_n"),
+        "eval", lambda ctx, resume: evaluate_all(ctx, methods, best_of_n), ("eval",),
+        (*(m.stage.name for m in methods), *(["best_of_n"] if best_of_n else [])),
         inputs=lambda c: [c.paths.sft, *(d / "checkpoint.pt" for d in policy_dirs(c, methods).values()),
-                          c.paths.best_of_n_samples, c.paths.best_of_n_samples.with_name("curve.json")],
+                          *bon(c)],
         outputs=lambda c: [c.paths.results],
         extra_key=lambda c: [c.cfg["pipeline"].frontier_samples_per_prompt,
                              c.cfg["pipeline"].reach_margin],

@@ -93,6 +93,11 @@ class PipelineConfig:
     weak_reference_steps: int = _f(
         500, "sweep, the reference's role: the early SFT checkpoint's step (of SFT's steps)"
     )
+    methods: str = _f(
+        "all",
+        "the methods the pipeline trains and compares: their stage names, comma-separated "
+        "(dpo, ppo, grpo, ..., best_of_n), or all; `minidpo demo`: dpo,ppo",
+    )
 
     def validate(self, flag_prefix: str = "") -> None:
         """Raise MinidpoError naming the flag of the first bad value (its flags are never
@@ -119,6 +124,20 @@ class PipelineConfig:
             )
         if any(a > 1 for a in self.floats("sweep_unlikelihood_alphas")):
             raise MinidpoError("--sweep-unlikelihood-alphas: each alpha must be in (0, 1]")
+        self.selected()
+
+    def selected(self) -> set[str]:
+        """The stage names of the methods `--methods` selects (one error naming the flag)."""
+        choices = [*(m.stage.name for m in METHODS), BEST_OF_N_STAGE.name]
+        names = [x.strip() for x in self.methods.split(",") if x.strip()]
+        if names == ["all"]:
+            return set(choices)
+        bad = [n for n in names if n not in choices] or ([] if names else [self.methods])
+        if bad:
+            raise MinidpoError(
+                f"--methods: unknown method {bad[0]!r} (choose from all, {', '.join(choices)})"
+            )
+        return set(names)
 
     def floats(self, name: str) -> list[float]:
         """A comma-separated list field as floats (one clear error naming the flag)."""
@@ -167,19 +186,27 @@ METHODS: list[Method] = [
     unlikelihood.METHOD,
 ]
 
-# The pipeline, in order: what the methods share, the methods, then evaluation and report.
-STAGES: list[Stage] = [
-    TOKENIZER_STAGE,
-    SFT_STAGE,
-    PREFS_STAGE,
-    dpo.REF_LOGPS_STAGE,
-    RM_STAGE,
-    *(m.stage for m in METHODS),
-    BEST_OF_N_STAGE,
-    eval_stage(METHODS),
-    PLOTS_STAGE,
-    REPORT_STAGE,
-]
+
+def pipeline_stages(selected: set[str] | None = None) -> list[Stage]:
+    """The pipeline, in order: what the methods share, the methods (those `selected`
+    names, every one by default), then evaluation and report."""
+    methods = [m for m in METHODS if selected is None or m.stage.name in selected]
+    best_of_n = selected is None or BEST_OF_N_STAGE.name in selected
+    return [
+        TOKENIZER_STAGE,
+        SFT_STAGE,
+        PREFS_STAGE,
+        dpo.REF_LOGPS_STAGE,
+        RM_STAGE,
+        *(m.stage for m in methods),
+        *([BEST_OF_N_STAGE] if best_of_n else []),
+        eval_stage(methods, best_of_n=best_of_n),
+        PLOTS_STAGE,
+        REPORT_STAGE,
+    ]
+
+
+STAGES: list[Stage] = pipeline_stages()
 STAGE_NAMES = [s.name for s in STAGES]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -208,10 +235,11 @@ def run_stages(ctx: Context, names: Sequence[str]) -> dict[str, dict]:
 
 
 def run_pipeline(ctx: Context, until: str | None = None) -> dict[str, dict]:
-    """Every stage in order (up to and including `until`); returns the stamps."""
+    """Every stage of the selected methods (`--methods`) in order (up to and including
+    `until`); returns the stamps."""
     stamps: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for stage in STAGES:
+    for stage in pipeline_stages(ctx.cfg["pipeline"].selected()):
         run_stage(ctx, stage, stamps)
         if stage.name == until:
             break
@@ -234,6 +262,10 @@ def run_pipeline(ctx: Context, until: str | None = None) -> dict[str, dict]:
 def sweep_runs(ctx: Context) -> list[tuple[Method, float, int]]:
     """(method, value of its swept setting, seed) of every training run of the sweep."""
     p = ctx.cfg["pipeline"]
+    if p.selected() != PipelineConfig().selected():
+        raise MinidpoError(
+            f"--methods: the sweep compares every method, got {p.methods!r} (leave it at all)"
+        )
     if p.seeds < 2:
         raise MinidpoError(
             f"--seeds: the sweep needs at least 2 (its intervals are over seeds), got {p.seeds}"

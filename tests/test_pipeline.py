@@ -102,6 +102,38 @@ def test_every_stage_ran_and_wrote_its_outputs(done):
 
 
 @pytest.mark.slow
+def test_demo_runs_dpo_and_ppo_only_to_the_full_pipelines_numbers(done, tmp_path):
+    """`minidpo demo` (`--methods dpo,ppo`) trains and evaluates DPO and RLHF only, and
+    each to the numbers the full pipeline gives it (same seed, same numbers)."""
+    _, full = done
+    args = build_parser().parse_args(["demo", "--preset", "tiny", "--runs-dir", str(tmp_path),
+                                      "--name", "full", "--device", "cpu"])  # fmt: skip
+    ctx = _context(args)
+    ctx.progress, ctx.lines = False, []
+    ctx.log = ctx.lines.append
+    run_pipeline(ctx)
+    ran = [line.split("]")[0][1:] for line in ctx.lines if "done in" in line]
+    assert ran == ["tokenizer", "sft", "prefs", "ref_logps", "rm", "dpo", "ppo", "eval", "plots",
+                   "report"]  # fmt: skip
+    demo, every = finals(ctx.folder), finals(full.folder)
+    assert set(demo) == {"SFT", "DPO", "PPO"}
+    for method in demo:
+        assert demo[method] == every[method], method
+    assert "| DPO |" in (ctx.folder / "report.md").read_text()
+
+
+def test_methods_flag_refuses_unknown_names_and_a_partial_sweep(tmp_path, capsys):
+    base = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--name", "x"]
+    assert main(["pipeline", *base, "--methods", "dpo,nope"]) == 2
+    assert "--methods: unknown method 'nope'" in capsys.readouterr().err
+    assert main(["sweep", *base, "--methods", "dpo,ppo"]) == 2
+    assert "--methods: the sweep compares every method" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert build_parser().parse_args(["demo"]).methods == "dpo,ppo"
+    assert build_parser().parse_args(["pipeline"]).methods is None  # the default: all
+
+
+@pytest.mark.slow
 def test_rerun_skips_everything_and_force_reruns_one(done):
     root, _ = done
     again = ctx_for(root, "full")
