@@ -8,7 +8,8 @@ have given (0666 less the umask), not ``mkstemp``'s private 0600.
 
 A write the file system refuses (disk full, read-only, permission denied) is one
 MinidpoError naming the path, with the temp file removed and the old file untouched,
-so freeing space and rerunning resumes. The temp file of a process killed before its
+so freeing space and rerunning resumes; a line appended to a log (`append_line`)
+is refused the same way, naming its path. The temp file of a process killed before its
 rename is removed by the next write of the same file (one writer per run folder:
 `minidpo.lock`). Under torchrun only rank 0 writes (`minidpo.distributed`): on the
 other ranks these helpers write nothing.
@@ -82,6 +83,16 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write one JSON object per line atomically."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return atomic_write_text(path, text)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append `line` and a newline to the UTF-8 file `path` (a metrics log; not atomic: a
+    resumed run cuts the log back first). A refused write is one MinidpoError naming it."""
+    try:
+        with Path(path).open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise MinidpoError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

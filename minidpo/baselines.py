@@ -206,7 +206,7 @@ def preferred_ft_stage(
         return folder(ctx) if folder else ctx.paths.preferred_ft_dir
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
-        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        held_out = ctx.paths.held_out_pairs
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_preferred_ft(method_config(ctx, "preferred_ft", None, "steps"), job,

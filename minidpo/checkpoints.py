@@ -12,12 +12,19 @@ later stage needs to rebuild the model without the stage that wrote it: ``kind``
 `content_sha256` is the identity of a stage's result: the bytes of a plain file, or
 for a checkpoint its content without wall-clock entries, so a bit-identical rerun has
 the same hash and leaves the stages that read it alone.
+
+A file that cannot be read is one message per kind, the same in every command:
+"not found", "a folder, not a file", "permission denied", and for a checkpoint
+"truncated or damaged", "not a minidpo checkpoint", "holds code or objects beyond
+tensors and plain values" or "content does not match its checksum" (`read_problem`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,20 +77,68 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return atomic_torch_save(ckpt, path)
 
 
+def file_problem(path: Path) -> str | None:
+    """Why the file `path` cannot be opened for reading ("not found", "a folder, not a
+    file", "permission denied"), or None."""
+    if not path.exists():
+        return "not found"
+    if path.is_dir():
+        return "a folder, not a file"
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        return _os_problem(e)
+    return None
+
+
+def _os_problem(e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"cannot be read ({e.strerror or e})"
+
+
+def _torch_load(path: Path) -> tuple[Any, str | None]:
+    """(the content of `path`, None), or (None, why it is not a readable checkpoint)."""
+    problem = file_problem(path)
+    if problem is not None:
+        return None, problem
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True), None
+    except OSError as e:
+        return None, _os_problem(e)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        named = re.search(r"unsupported GLOBAL (\S{1,80})", str(e))  # refused, never called
+        if named:
+            return None, (f"holds code or objects beyond tensors and plain values ({named[1]}; "
+                          "refused unread)")  # fmt: skip
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format is a zip archive
+        return None, "truncated or damaged" if zipped else "not a minidpo checkpoint"
+
+
+def read_problem(path: Path) -> str:
+    """Why an input `content_sha256` could not hash cannot be read: the words of
+    `load_checkpoint` for a checkpoint, of `file_problem` for any file."""
+    problem = file_problem(path)
+    if problem is None and path.suffix == ".pt":
+        problem = _torch_load(path)[1]
+    return problem or "cannot be read"
+
+
 def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`, or raise one clear MinidpoError.
+    """Read a checkpoint written by `save_checkpoint`, or raise one clear MinidpoError
+    (one message per kind of failure: see the module docstring).
 
     `kind` ("policy", "reward_model", ...) is checked when given, so a reward model
     handed to a stage that wants a policy is refused by name.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MinidpoError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        msg = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise MinidpoError(f"{path}: corrupt or not a checkpoint ({msg})") from None
+    ckpt, problem = _torch_load(path)
+    if problem is not None:
+        raise MinidpoError(f"{path}: {problem}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise MinidpoError(f"{path}: not a minidpo checkpoint")
     if ckpt.get("version") not in READABLE_VERSIONS:
@@ -152,7 +207,10 @@ def content_sha256(paths: Sequence[Path]) -> str | None:
         h.update(p.name.encode())
         try:
             if p.suffix == ".pt":
-                _feed(h, torch.load(p, map_location="cpu", weights_only=True))
+                ckpt, problem = _torch_load(p)
+                if problem is not None:
+                    return None
+                _feed(h, ckpt)
             else:
                 h.update(file_sha256(p).encode())
         except Exception:  # missing, truncated or foreign: not the result that was stamped

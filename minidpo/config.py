@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from minidpo.errors import MinidpoError
@@ -83,6 +85,24 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise MinidpoError(f"{f}dropout: must be in [0, 1), got {self.dropout}")
+        self._check_memory(f)
+
+    def _check_memory(self, f: str) -> None:
+        """Sizes the machine cannot hold, refused before any write: the parameters (at the
+        smallest vocabulary, 257) times 12 bytes (the weights and AdamW's two moments, all
+        three in every checkpoint, which is serialised in memory before it is written)
+        against the machine's memory, naming the flag of the largest term."""
+        C, L, P = self.n_embd, self.n_layer, self.block_size
+        terms = {f"{f}block-size {P}": P * C, f"{f}n-layer {L} with {f}n-embd {C}": L * 12 * C * C,
+                 f"{f}n-embd {C}": MIN_VOCAB_SIZE * C}  # fmt: skip
+        need, memory = 12 * sum(terms.values()), machine_memory()
+        if memory is not None and need > memory:
+            flag = max(terms, key=terms.__getitem__)
+            raise MinidpoError(
+                f"{flag}: a model of {need // 12:,} parameters needs at least {need / 2**30:,.0f} "
+                f"GiB to train (12 bytes a parameter), more than this machine's "
+                f"{memory / 2**30:,.0f} GiB"
+            )
 
 
 @dataclass
@@ -103,6 +123,15 @@ class SFTConfig:
     all_tokens: bool = _f(False, "train on prompt tokens too (default: response tokens only)")
     eval_every: int = _f(500, "held-out loss every N steps")
     ckpt_every: int = _f(500, "checkpoint every N steps")
+
+    def validate(self, flag_prefix: str = "") -> None:
+        """A batch is drawn from the demonstrations: no larger than their number."""
+        f = f"--{flag_prefix}"
+        if self.batch_size > self.n_demos:
+            raise MinidpoError(
+                f"{f}batch-size {self.batch_size}: more than the {self.n_demos:,} "
+                f"demonstrations it is drawn from ({f}n-demos)"
+            )
 
 
 @dataclass
@@ -341,12 +370,31 @@ POSITIVE_INTS = frozenset({
     "max_new_tokens", "n_demos", "n", "n_layer", "n_head", "n_embd", "block_size",
     "vocab_size", "max_pairs_per_prompt", "train_steps",
 })  # fmt: skip
-NON_NEGATIVE_INTS = frozenset({"warmup_steps", "snapshot_every", "seed", "show"})
+# The fields that size what is held in memory at once: named, as the user typed them, when
+# an allocation fails (`minidpo.cli`).
+MEMORY_SIZES = (
+    "batch_size", "block_size", "n_embd", "n_layer", "n_head", "n_demos", "n_eval_demos",
+    "rollout_batch", "minibatch_size", "samples_per_prompt", "eval_samples_per_prompt", "n",
+    "max_new_tokens", "n_norm_samples", "group_size", "prompts_per_iteration",
+    "responses_per_prompt", "max_pairs_per_prompt", "vocab_size",
+)  # fmt: skip
+NON_NEGATIVE_INTS = frozenset({"warmup_steps", "snapshot_every", "seed", "show", "top_k"})
 POSITIVE_FLOATS = frozenset({"lr", "value_lr", "temperature"})
 NON_NEGATIVE_FLOATS = frozenset({"weight_decay", "grad_clip"})
 # Counts held in memory at once, capped so a slip of the keyboard fails at once instead of
 # hanging: 2,000,000 demonstrations take about a minute to draw and under 1 GiB.
 AT_MOST = {"n_demos": 2_000_000}
+# The smallest vocabulary a byte-level BPE has: the 256 bytes and <|endoftext|>.
+MIN_VOCAB_SIZE = 257
+AT_LEAST = {"vocab_size": (MIN_VOCAB_SIZE, "the 256 bytes and <|endoftext|>")}
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory of this machine (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_ranges(cfg: Any, flag_prefix: str = "") -> None:
@@ -360,6 +408,9 @@ def check_ranges(cfg: Any, flag_prefix: str = "") -> None:
             raise MinidpoError(f"{flag}: must be >= 0, got {v}")
         if f.name in AT_MOST and isinstance(v, int) and v > AT_MOST[f.name]:
             raise MinidpoError(f"{flag}: at most {AT_MOST[f.name]:,}, got {v:,}")
+        if f.name in AT_LEAST and isinstance(v, int) and v < AT_LEAST[f.name][0]:
+            least, why = AT_LEAST[f.name]
+            raise MinidpoError(f"{flag}: at least {least} ({why}), got {v:,}")
         if f.name in POSITIVE_FLOATS and not (v > 0 and math.isfinite(v)):
             raise MinidpoError(f"{flag}: must be finite and > 0, got {v}")
         if f.name in NON_NEGATIVE_FLOATS and not (v >= 0 and math.isfinite(v)):
@@ -370,6 +421,22 @@ def check_ranges(cfg: Any, flag_prefix: str = "") -> None:
         raise MinidpoError(
             f"--name: {cfg.name!r} is not a folder name (it must stay inside --runs-dir)"
         )
+    if isinstance(cfg, RunConfig):
+        _check_run_folder(cfg)
+
+
+def _check_run_folder(run: RunConfig) -> None:
+    """The run folder ``--runs-dir/--name`` can be a folder: neither it nor a folder above
+    it is a file (checked before any write, naming the flag whose path is a file)."""
+    runs = Path(run.runs_dir)
+    for p in (runs / run.name, runs, *runs.parents):
+        if p.is_dir():
+            return
+        if p.exists():
+            if p == runs:
+                raise MinidpoError(f"--runs-dir {run.runs_dir}: a file, not a folder")
+            flag = f"--name {run.name}" if p == runs / run.name else f"--runs-dir {run.runs_dir}"
+            raise MinidpoError(f"{flag}: {p} is a file, not a folder")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

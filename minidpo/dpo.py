@@ -335,11 +335,11 @@ def stage(
         return ctx.paths.dpo_dir(cfg.loss, cfg.beta, cfg.label_smoothing, tag)
 
     def inputs(ctx: Context) -> list[Path]:
-        held_out = [ctx.paths.eval_pairs] if ctx.paths.eval_pairs.exists() else []
-        return [ctx.paths.sft, ctx.paths.train_pairs, *held_out]
+        held_out = ctx.paths.held_out_pairs
+        return [ctx.paths.sft, ctx.paths.train_pairs, *([held_out] if held_out else [])]
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
-        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        held_out = ctx.paths.held_out_pairs
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_dpo(config(ctx), job, sft_path=ctx.paths.sft, train_pairs=ctx.paths.train_pairs,

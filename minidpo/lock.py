@@ -6,12 +6,15 @@ overwrite each other's checkpoints. The first stage that writes takes the lock,
 process keeps it until it exits. A second process stops at once with one error naming
 the holder's pid. A lock whose process no longer exists (a killed run) is stale and is
 taken over. Reading (a stage found up to date) takes no lock. The processes of one
-torchrun launch are one writer: rank 0 holds the lock (`minidpo.distributed`).
+torchrun launch are one writer: rank 0 holds the lock (`minidpo.distributed`). A lock
+the file system refuses (disk full, read-only) is one error naming the lock file, and
+leaves neither the lock nor the folders made for it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from pathlib import Path
 
@@ -55,6 +58,20 @@ def hold(folder: Path) -> None:
     path = Path(folder) / ".lock"
     if path in _HELD or not distributed.is_writer():  # under torchrun, rank 0 holds it
         return
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    try:
+        _take(path)
+    except OSError as e:  # refused by the file system: take back the folders made for it
+        for d in made:  # the deepest first, each only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise MinidpoError(
+            f"{path}: cannot take the run folder's lock ({e.strerror or e})"
+        ) from None
+
+
+def _take(path: Path) -> None:
+    """Create the lock file `path` holding this process's id (see `hold`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):  # a stale lock is removed once, then created afresh
         try:
@@ -68,8 +85,13 @@ def hold(folder: Path) -> None:
                 ) from None
             path.unlink(missing_ok=True)  # stale: its process is gone
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            path.unlink(missing_ok=True)  # the empty file just created: no one's lock
+            raise
+        finally:
+            os.close(fd)
         _HELD.add(path)
         atexit.register(_release, path)
         return

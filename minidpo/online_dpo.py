@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minidpo.atomic import atomic_write_json
+from minidpo.atomic import append_line, atomic_write_json
 from minidpo.checkpoints import CHECKSUM, load_checkpoint, save_checkpoint, snapshots
 from minidpo.config import DPOConfig, _f
 from minidpo.dpo import run_dpo
@@ -209,8 +209,7 @@ def run_online_dpo(
                **{k: v for k, v in s.items() if k.startswith("eval/")},
                "step": (r + 1) * steps, "time/elapsed": elapsed}  # fmt: skip
         rows.append(row)
-        with metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(metrics_path, json.dumps(row))
     shutil.copyfile(snapshots(out)[-1], out / "checkpoint.pt.tmp")
     (out / "checkpoint.pt.tmp").replace(out / "checkpoint.pt")
     summary = {
@@ -247,7 +246,7 @@ def stage(
         return ctx.folder / f"online-dpo-beta{dpo_cfg(ctx).beta:g}{tag}"
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
-        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        held_out = ctx.paths.held_out_pairs
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_online_dpo(ctx.cfg["online_dpo"], dpo_cfg(ctx), job, sft_path=ctx.paths.sft,

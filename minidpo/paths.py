@@ -69,6 +69,15 @@ class RunPaths:
         return self.inputs.get("eval_pairs", self.prefs_dir / "eval.jsonl")
 
     @property
+    def held_out_pairs(self) -> Path | None:
+        """The held-out pairs a trainer evaluates on: those named (``--eval-pairs``), which
+        must exist (a stage lists them as an input, so a mistyped path is an error, not
+        "none"), else the run's own when the prefs stage wrote them, else None."""
+        if "eval_pairs" in self.inputs or self.eval_pairs.exists():
+            return self.eval_pairs
+        return None
+
+    @property
     def rm_dir(self) -> Path:
         return self.inputs.get("rm_dir", self.folder / "rm")
 

@@ -60,7 +60,7 @@ import torch
 
 from minidpo.atomic import atomic_write_json
 from minidpo.batching import Batch, build_batch
-from minidpo.checkpoints import provenance, stage_state
+from minidpo.checkpoints import load_checkpoint, provenance, stage_state
 from minidpo.config import _f, to_dict
 from minidpo.errors import MinidpoError
 from minidpo.evaluate import sample_logprobs
@@ -220,6 +220,24 @@ def make_value_model(
                 f"value_init: the reward model does not match the policy's shape ({first})"
             ) from None
     return value.to(policy.device)
+
+
+# The settings of a GPT that change the names or shapes of its weights.
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "tie_head")
+
+
+def check_value_init(rm_path: Path, sft_path: Path) -> None:
+    """The reward model at `rm_path`, which PPO's value model starts from, has the shape of
+    the policy at `sft_path`: else one MinidpoError naming both and what differs (before
+    anything is written, not a state-dict error mid-run)."""
+    rm = load_checkpoint(rm_path, kind="reward_model")["model_config"]
+    sft = load_checkpoint(sft_path, kind="policy")["model_config"]
+    diff = [f"{k} {rm.get(k)} vs {sft.get(k)}" for k in SHAPE if rm.get(k) != sft.get(k)]
+    if diff:
+        raise MinidpoError(
+            f"{rm_path}: the reward model's shape is not that of the policy {sft_path} "
+            f"({', '.join(diff)}); PPO starts its value model from the reward model"
+        )
 
 
 def state_digest(state: dict[str, torch.Tensor] | None) -> str | None:
@@ -606,6 +624,13 @@ def stage(
         return load_prompts(ctx.inputs["prompts"], tok, policy.config.block_size,
                             config(ctx).max_new_tokens, check=load_world().prompt)  # fmt: skip
 
+    def check(ctx: Context) -> None:
+        """Before any write: the prompts of ``--prompts`` (the world's the stage layer checks)
+        fit the context, and the reward model has the policy's shape."""
+        training_prompts(ctx)
+        if reward == "rm":
+            check_value_init(ctx.paths.rm, ctx.paths.sft)
+
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
         cfg = config(ctx)
         score_fn: ScoreFn = oracle_scores
@@ -629,7 +654,7 @@ def stage(
                  outputs=lambda c: [out(c) / "checkpoint.pt"],
                  extra_key=lambda c: [reward, None if kl_coef is None else kl_coef(c), seed,
                                       *([] if kl_target is None else [kl_target])],
-                 check=lambda c: training_prompts(c) and None)  # fmt: skip
+                 check=check)  # fmt: skip
 
 
 def _gt_kl(ctx: Context) -> float:

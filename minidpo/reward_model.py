@@ -610,7 +610,7 @@ def normalise(
 
 
 def _reward_model(ctx: Context, resume: bool) -> dict[str, Any]:
-    held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+    held_out = ctx.paths.held_out_pairs
     job = Job(ctx.paths.rm_dir, ctx.run.seed, ctx.device, resume, ctx.progress)
     s = run_reward_model(ctx.cfg["rm"], job, sft_path=ctx.paths.sft,
                          train_pairs=ctx.paths.train_pairs, eval_pairs=held_out)  # fmt: skip

@@ -30,8 +30,9 @@ import torch
 from minidpo import threads
 from minidpo.errors import MinidpoError
 from minidpo.model import GPT, GPTConfig
+from minidpo.policy import load_policy
 from minidpo.tokenizer import Tokenizer
-from minidpo.world import format_prompt
+from minidpo.world import format_prompt, load_world
 
 
 @dataclass
@@ -236,6 +237,26 @@ def encode_prompt(tok: Tokenizer, prompt: str, block_size: int, max_new_tokens: 
             f"exceeds the model's context of {block_size}"
         )
     return ids
+
+
+def check_context(
+    tok: Tokenizer, prompts: Sequence[str], block_size: int, max_new_tokens: int, flag: str
+) -> None:
+    """Every prompt leaves room for `max_new_tokens` in the model's context, checked before
+    anything is sampled or written: else one MinidpoError naming `flag` as the user typed
+    it (``--max-new-tokens``, ``--ppo-max-new-tokens``) and the longest prompt."""
+    longest = max(dict.fromkeys(prompts), key=lambda text: len(tok.encode(format_prompt(text))))
+    try:
+        encode_prompt(tok, longest, block_size, max_new_tokens)
+    except MinidpoError as e:
+        raise MinidpoError(f"{flag} {max_new_tokens}: {e}") from None
+
+
+def check_policy_context(sft_path: Path, max_new_tokens: int, flag: str) -> None:
+    """`check_context` for the policy at `sft_path` on every prompt of the world."""
+    policy, tok = load_policy(sft_path)
+    prompts = [p.text for split in ("train", "eval") for p in load_world().prompts(split)]
+    check_context(tok, prompts, policy.config.block_size, max_new_tokens, flag)
 
 
 def load_prompts(

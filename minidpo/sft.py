@@ -34,7 +34,7 @@ from minidpo.paths import RunPaths
 from minidpo.seeds import stream
 from minidpo.stage import Context, Stage
 from minidpo.tokenizer import Tokenizer
-from minidpo.tokenizer_stage import prepare_tokenizer
+from minidpo.tokenizer_stage import prepare_tokenizer, world_tokenizer
 from minidpo.training import Job, LoopConfig, resolve_device, train
 from minidpo.world import World, format_prompt, load_world, sample_demonstrations
 
@@ -79,18 +79,42 @@ def mean_lm_loss(
     return total / count
 
 
-def sft_data(world: World, tok: Tokenizer, cfg: SFTConfig, seed: int, block_size: int):
+# The last data `sft_data` built, kept for the one call that follows its check: the
+# stage's check builds the data before anything is written, the training takes it.
+_LAST: dict[tuple, tuple] = {}
+
+
+def _data_key(world: World, tok: Tokenizer, cfg: SFTConfig, seed: int) -> tuple:
+    return (id(world), tuple(tok.merges.items()), cfg.n_demos, cfg.n_eval_demos, seed)
+
+
+def sft_data(world: World, tok: Tokenizer, cfg: SFTConfig, seed: int, block_size: int,
+             flag: str = "--block-size"):  # fmt: skip
     """((prompt ids, response ids) of the training demonstrations, the same of the held-out
-    ones); a demonstration longer than the context is an error naming ``--block-size``."""
-    train_demos, eval_demos = demonstrations(world, cfg, seed)
-    train_p, train_r = tokenize_demos(tok, train_demos)
-    eval_p, eval_r = tokenize_demos(tok, eval_demos)
+    ones); a demonstration longer than the context is an error naming `flag`.
+    The data of the call before, with the same inputs, is reused (not built twice)."""
+    data = _LAST.pop(_data_key(world, tok, cfg, seed), None)
+    if data is None:
+        train_demos, eval_demos = demonstrations(world, cfg, seed)
+        data = (tokenize_demos(tok, train_demos), tokenize_demos(tok, eval_demos))
+    (train_p, train_r), (eval_p, eval_r) = data
     longest = max(len(p) + len(r) for p, r in zip(train_p + eval_p, train_r + eval_r, strict=True))
     if longest - 1 > block_size:
         raise MinidpoError(
-            f"--block-size {block_size}: the longest demonstration needs {longest - 1}"
+            f"{flag} {block_size}: the longest demonstration needs {longest - 1} tokens of context"
         )
-    return (train_p, train_r), (eval_p, eval_r)
+    return data
+
+
+def check_block_size(run: RunConfig, cfg: dict[str, Any], flag: str = "--block-size") -> None:
+    """``--block-size`` (`flag`) against the longest demonstration of the run, before anything is
+    written (in `minidpo sft`, before the tokenizer): the data is built with the tokenizer
+    trained in memory, and kept for the training that follows."""
+    world = load_world()
+    tok = world_tokenizer(cfg["tokenizer"], world)
+    data = sft_data(world, tok, cfg["sft"], run.seed, cfg["model"].block_size, flag)
+    _LAST.clear()
+    _LAST[_data_key(world, tok, cfg["sft"], run.seed)] = data
 
 
 def demonstrations(world: World, cfg: SFTConfig, seed: int) -> tuple[list, list]:
@@ -187,4 +211,5 @@ def _sft(ctx: Context, resume: bool) -> dict[str, Any]:
 
 SFT_STAGE = Stage("sft", _sft, ("tokenizer", "model", "sft"), ("tokenizer",),
                   inputs=lambda c: [c.paths.tokenizer],
-                  outputs=lambda c: [c.paths.sft_dir / "checkpoint.pt"])  # fmt: skip
+                  outputs=lambda c: [c.paths.sft_dir / "checkpoint.pt"],
+                  check=lambda c: check_block_size(c.run, c.cfg, c.flag("model", "block_size")))  # fmt: skip

@@ -16,9 +16,14 @@ commands (`minidpo sft`, `minidpo dpo`, ...) alike:
   output, or ``--force``): ``resume=False``, and the stage overwrites its outputs.
 
 Bad input is refused before anything is written: the key reads every input (a
-missing or unreadable one is one error naming it), and the stage's `check` runs
-before the ``.started`` stamp. A stage never decides this itself: trainers take ``resume`` and checkpoint; the
-stamp says what was done. Adding a method is one stage file with its `Stage`, plus
+missing or unreadable one is one error naming it and what is wrong with it, in the
+words `minidpo.checkpoints.read_problem` uses for every command; the advice to run
+the stages before it only for the run's own files, not for one the user named), then
+every world prompt is checked to fit the SFT's context with the stage's
+``max_new_tokens`` to spare, and the stage's `check` runs, all before the ``.started``
+stamp. An allocation that fails (a size past the machine's memory) takes the start
+back like bad input (`errors.out_of_memory`). A stage never decides this itself:
+trainers take ``resume`` and checkpoint; the stamp says what was done. Adding a method is one stage file with its `Stage`, plus
 one entry in the pipeline's table (docs/ARCHITECTURE.md shows the diff it took).
 """
 
@@ -38,12 +43,13 @@ import torch
 
 from minidpo import distributed
 from minidpo.atomic import atomic_write_json
-from minidpo.checkpoints import content_sha256
+from minidpo.checkpoints import content_sha256, read_problem
 from minidpo.config import RunConfig, to_dict
 from minidpo.cost import measure
-from minidpo.errors import MinidpoError
+from minidpo.errors import MinidpoError, out_of_memory
 from minidpo.lock import hold, release
 from minidpo.paths import RunPaths
+from minidpo.sampling import check_policy_context
 from minidpo.threads import POLICY
 
 
@@ -58,6 +64,13 @@ class Context:
     force: set[str] = field(default_factory=set)
     log: Callable[[str], None] = print
     inputs: dict[str, Path] = field(default_factory=dict)  # RunPaths.inputs
+    prefixed: tuple[str, ...] = ()  # groups whose flags carry the group's name (the pipeline's)
+
+    def flag(self, group: str, name: str) -> str:
+        """The flag of config field `name` of `group` as the user types it in this command
+        (``--max-new-tokens`` in `minidpo ppo`, ``--ppo-max-new-tokens`` in the pipeline)."""
+        prefix = f"{group.replace('_', '-')}-" if group in self.prefixed else ""
+        return f"--{prefix}{name.replace('_', '-')}"
 
     @property
     def paths(self) -> RunPaths:
@@ -114,16 +127,16 @@ def read_stamp(path: Path) -> dict[str, Any] | None:
 def stage_key(ctx: Context, stage: Stage) -> str:
     """Hash of the stage's config groups, seed, extra settings and its inputs' content.
 
-    An input that is missing or unreadable is one MinidpoError naming it."""
+    An input that is missing or unreadable is one MinidpoError naming it, what is wrong
+    with it and, for the run's own files (not one the user named), the stages to run."""
     inputs = {}
+    named = set(ctx.inputs.values())
     for path in stage.inputs(ctx):
         digest = content_sha256([path])
         if digest is None:
-            state = "not found" if not path.exists() else "unreadable"
-            raise MinidpoError(
-                f"{path}: {state}; stage {stage.name} reads it (run the stages before it "
-                "first, e.g. `minidpo pipeline` with the same --name)"
-            )
+            hint = "" if path in named else (" (run the stages before it first, e.g. "
+                                             "`minidpo pipeline` with the same --name)")  # fmt: skip
+            raise MinidpoError(f"{path}: {read_problem(path)}; stage {stage.name} reads it{hint}")
         inputs[path.name if path.is_relative_to(ctx.folder) else str(path)] = digest
     payload = {
         "stage": stage.name,
@@ -169,6 +182,18 @@ class _Start:
     first: bool = False  # no earlier attempt: bad input takes back the start
 
 
+def _check_contexts(ctx: Context, stage: Stage) -> None:
+    """A stage that samples from the SFT policy: every world prompt leaves room for its
+    groups' ``max_new_tokens`` in the policy's context, one error naming the flag as typed
+    in this command (``--max-new-tokens``, ``--ppo-max-new-tokens``) before any write."""
+    if ctx.paths.sft not in stage.inputs(ctx):
+        return
+    for group in stage.groups:
+        n = getattr(ctx.cfg[group], "max_new_tokens", None)
+        if n is not None:
+            check_policy_context(ctx.paths.sft, n, ctx.flag(group, "max_new_tokens"))
+
+
 def _start(ctx: Context, stage: Stage) -> _Start:
     """Skip, or take the run folder's lock and write the ``.started`` stamp."""
     key = stage_key(ctx, stage)
@@ -176,6 +201,7 @@ def _start(ctx: Context, stage: Stage) -> _Start:
     if old is not None:
         ctx.log(f"[{stage.name}] up to date ({old['cost']['wall_s']:.1f} s when run)")
         return _Start(key, old)
+    _check_contexts(ctx, stage)
     stage.check(ctx)  # one clear error, and nothing written yet
     hold(ctx.folder)  # one writer per run folder (`minidpo.lock`)
     started_path = ctx.paths.stamp(stage.name).with_suffix(".started")
@@ -223,8 +249,9 @@ def run_stage(ctx: Context, stage: Stage, stamps: dict[str, dict]) -> dict[str, 
     try:
         with measure(ctx.device) as cost:
             summary = stage.fn(ctx, start.resume)
-    except MinidpoError:  # bad input, found before the stage wrote anything to resume from
-        if start.first and distributed.is_writer():
+    except Exception as e:  # bad input (or a size past memory), found before a resumable write
+        bad = isinstance(e, MinidpoError) or out_of_memory(e) is not None
+        if bad and start.first and distributed.is_writer():
             _undo_start(ctx.folder, ctx.paths.stamp(stage.name).with_suffix(".started"))
         raise
     distributed.barrier()  # every rank has finished its part

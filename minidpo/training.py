@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from minidpo import distributed
-from minidpo.atomic import atomic_write_text
+from minidpo.atomic import append_line, atomic_write_text
 from minidpo.checkpoints import load_checkpoint, save_checkpoint, save_snapshot
 from minidpo.errors import MinidpoError
 from minidpo.progress import progress
@@ -98,8 +98,7 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         if not distributed.is_writer():  # under torchrun, rank 0 keeps the log
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.path, json.dumps(row))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -154,7 +154,7 @@ def stage(
         return method_config(ctx, "unlikelihood", overrides, "steps")
 
     def fn(ctx: Context, resume: bool) -> dict[str, Any]:
-        held_out = ctx.paths.eval_pairs if ctx.paths.eval_pairs.exists() else None
+        held_out = ctx.paths.held_out_pairs
         job = Job(out(ctx), ctx.run.seed if seed is None else seed, ctx.device, resume,
                   ctx.progress)  # fmt: skip
         s = run_unlikelihood(config(ctx), job, sft_path=ctx.paths.sft,
