@@ -37,6 +37,7 @@ from minidpo import __version__, allocator, distributed, threads
 from minidpo.atomic import atomic_write_json, atomic_write_jsonl
 from minidpo.baselines import PreferredFTConfig, best_of_n
 from minidpo.config import (
+    MEMORY_SIZES,
     DPOConfig,
     EvalConfig,
     ModelConfig,
@@ -48,7 +49,7 @@ from minidpo.config import (
     add_dataclass_args,
     resolve,
 )
-from minidpo.errors import MinidpoError
+from minidpo.errors import MinidpoError, one_line, out_of_memory
 from minidpo.evaluate import evaluate_policy, summarize
 from minidpo.export import TRL_VERSION, export_hf, trl_rows
 from minidpo.gravity import compute, load_example, render
@@ -75,9 +76,10 @@ from minidpo.ppo import stage as ppo_stage
 from minidpo.preferences import load_pairs
 from minidpo.report import summary_text
 from minidpo.reward_model import RewardModelConfig, load_reward_model
-from minidpo.sampling import encode_prompt, sample_responses
+from minidpo.sampling import check_context, sample_responses
 from minidpo.scoring import oracle_breakdowns, oracle_scores
 from minidpo.seeds import seed_of
+from minidpo.sft import check_block_size
 from minidpo.shaping import ShapingConfig
 from minidpo.stage import Stage
 from minidpo.tokenizer import Tokenizer
@@ -90,7 +92,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"minidpo: error: {message} (see `{self.prog} --help`)\n")
+        sys.stderr.write(f"minidpo: error: {one_line(message)} (see `{self.prog} --help`)\n")
         raise SystemExit(2)
 
 
@@ -129,7 +131,8 @@ def _one_stage(args: argparse.Namespace, name: str, groups: Sequence[str], *,
     stage = stage or BY_NAME[name]
     given = {k: Path(v) for k, v in inputs.items() if v}
     ctx = Context(run=run, cfg=cfg, device=resolve_device(run.device),
-                  force={stage.name} if run.force else set(), inputs=given)  # fmt: skip
+                  force={stage.name} if run.force else set(), inputs=given,
+                  prefixed=getattr(args, "prefixed", ()))  # fmt: skip
     return stage, ctx, run_stage(ctx, stage, {})
 
 
@@ -144,7 +147,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    _checked(args, ["tokenizer", "model", "sft"])  # every flag, before the tokenizer is written
+    cfg = _checked(args, ["tokenizer", "model", "sft"])  # every flag and --block-size against
+    check_block_size(_run(args), cfg)  # the longest demonstration, before the tokenizer is written
     _one_stage(args, "tokenizer", ["tokenizer"])  # the SFT model's tokenizer first, if needed
     _, ctx, stamp = _one_stage(args, "sft", ["tokenizer", "model", "sft"])
     s = json.loads((ctx.paths.sft_dir / "summary.json").read_text())
@@ -192,6 +196,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint) if args.checkpoint else RunPaths.of(run).sft
     model, tok = load_policy(path, resolve_device(run.device))
     prompts = [p.text for p in load_world().prompts(cfg.split)]
+    check_context(tok, prompts, model.config.block_size, cfg.max_new_tokens, "--max-new-tokens")
     chosen = [prompts[i % len(prompts)] for i in range(cfg.n)]
     samples = sample_responses(
         model,
@@ -257,11 +262,13 @@ def _evaluate_checkpoint(run: RunConfig, cfg: EvalConfig, ckpt: Path, ref: Path 
 
     device = resolve_device(run.device)
     model, tok = load_policy(ckpt, device)
+    prompts = [p.text for p in load_world().prompts("eval")]
+    check_context(tok, prompts, model.config.block_size, cfg.max_new_tokens, "--max-new-tokens")
     ref_model = load_policy(ref, device)[0] if ref is not None else None
     return evaluate_policy(
         model,
         tok,
-        [p.text for p in load_world().prompts("eval")],
+        prompts,
         samples_per_prompt=cfg.samples_per_prompt,
         seed=seed_of(run.seed, "eval/samples"),
         ref=ref_model,
@@ -408,6 +415,7 @@ def cmd_best_of_n(args: argparse.Namespace) -> int:
         else load_reward_model(_rm_path(run, args), device).score
     )
     prompts = [p.text for p in load_world().prompts("eval") for _ in range(cfg.samples_per_prompt)]
+    check_context(tok, prompts, policy.config.block_size, cfg.max_new_tokens, "--max-new-tokens")
     samples = best_of_n(
         policy, tok, prompts, n=args.n, score_fn=score_fn, seed=seed_of(run.seed, "eval/samples"),
         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
@@ -460,16 +468,11 @@ def cmd_gravity(args: argparse.Namespace) -> int:
 def _check_contexts(cfg: dict[str, Any], tok: Tokenizer, prefixed: Sequence[str]) -> None:
     """Every world prompt leaves room for every stage's ``max_new_tokens`` in the model's
     context: checked before any stage runs, naming the flag (not minutes later)."""
-    block = cfg["model"].block_size
     prompts = [p.text for split in ("train", "eval") for p in load_world().prompts(split)]
-    longest = max(prompts, key=lambda text: len(tok.encode(text)))
     for group, c in cfg.items():
         if hasattr(c, "max_new_tokens"):
             flag = f"--{f'{group}-' if group in prefixed else ''}max-new-tokens"
-            try:
-                encode_prompt(tok, longest, block, c.max_new_tokens)
-            except MinidpoError as e:
-                raise MinidpoError(f"{flag} {c.max_new_tokens}: {e}") from None
+            check_context(tok, prompts, cfg["model"].block_size, c.max_new_tokens, flag)
 
 
 def _context(args: argparse.Namespace):
@@ -484,7 +487,9 @@ def _context(args: argparse.Namespace):
     tok = world_tokenizer(cfg["tokenizer"], load_world())  # a bad --vocab-size, at once
     _check_contexts(cfg, tok, prefixed)
     forced = check_force(args.force or [])
-    return Context(run=run, cfg=cfg, device=resolve_device(run.device), force=forced)
+    return Context(
+        run=run, cfg=cfg, device=resolve_device(run.device), force=forced, prefixed=prefixed
+    )
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -636,9 +641,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# errno values of a file system that refuses a write; the atomic writes name their path
-# themselves, these catch the rest (a metrics line appended, a folder made, the lock).
-REFUSED_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# errno values of a file system that refuses a write; the atomic writes, the metrics logs
+# and the lock name their path themselves, these catch the rest (a folder made, a file in
+# the way of a folder).
+REFUSED_WRITES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENOTDIR, errno.EISDIR})  # fmt: skip
+
+
+def _no_memory(args: argparse.Namespace, asked: str) -> str:
+    """The line for an allocation that failed: how much it asked for and the sizes the user
+    typed (`config.MEMORY_SIZES`, as flags), the ones to make smaller."""
+    typed = [f"--{dest.replace('_', '-')} {v}" for dest, v in vars(args).items()
+             if type(v) is int and any(dest == n or dest.endswith(f"_{n}") for n in MEMORY_SIZES)]  # fmt: skip
+    what = f"out of memory ({asked} asked for)" if asked else "out of memory"
+    if typed:
+        return f"{what}: more than this machine holds at {', '.join(typed)}; try smaller"
+    return f"{what}: the preset's sizes are more than this machine holds; try smaller ones"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -659,12 +677,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         distributed.setup(getattr(args, "device", None) or "auto")
         return args.handler(args)
     except MinidpoError as e:
-        sys.stderr.write(f"minidpo: error: {e}\n")
+        sys.stderr.write(f"minidpo: error: {one_line(str(e))}\n")
         return 2
     except OSError as e:  # the file system said no: disk full, read-only, permission denied
         if e.errno not in REFUSED_WRITES:
             raise
-        sys.stderr.write(f"minidpo: error: {e.filename or 'a file'}: {e.strerror}\n")
+        where = e.filename or "a file"
+        sys.stderr.write(f"minidpo: error: {one_line(f'{where}: {e.strerror}')}\n")
+        return 2
+    except (MemoryError, RuntimeError) as e:  # a size past memory: NumPy's, torch's allocator
+        asked = out_of_memory(e)
+        if asked is None:
+            raise
+        sys.stderr.write(f"minidpo: error: {_no_memory(args, asked)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("minidpo: interrupted; run the same command again to resume\n")
