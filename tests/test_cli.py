@@ -45,7 +45,7 @@ def test_missing_checkpoint(tmp_path, capsys):
         main(["sample", "--runs-dir", str(tmp_path), "--checkpoint", str(tmp_path / "x.pt")]) == 2
     )
     (line,) = _err_lines(capsys)
-    assert f"{tmp_path / 'x.pt'}: checkpoint not found" in line
+    assert f"{tmp_path / 'x.pt'}: not found" in line
 
 
 def test_tokenizer_of_another_version_is_rebuilt(tmp_path, capsys):

@@ -437,7 +437,7 @@ def test_the_stage_stamp_reports_validation_beside_held_out(monkeypatch, tmp_pat
                "train/loss": 0.5, "report": {"heldout_accuracy": 0.7, "heldout_ceiling": 0.9,
                                              "heldout_gap": 0.2, "spearman": 0.5}}  # fmt: skip
     monkeypatch.setattr(reward_model, "run_reward_model", lambda *a, **kw: summary)
-    paths = SimpleNamespace(eval_pairs=tmp_path / "eval.jsonl", rm_dir=tmp_path / "rm",
+    paths = SimpleNamespace(held_out_pairs=None, rm_dir=tmp_path / "rm",
                             sft=tmp_path / "sft.pt", train_pairs=tmp_path / "train.jsonl")  # fmt: skip
     ctx = SimpleNamespace(paths=paths, run=SimpleNamespace(seed=0), device="cpu",
                           progress=False, cfg={"rm": _cfg()})  # fmt: skip

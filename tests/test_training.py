@@ -54,7 +54,7 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     save_checkpoint(good, {"kind": "reward_model", "step": 0})
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:50])
-    with pytest.raises(MinidpoError, match="corrupt"):
+    with pytest.raises(MinidpoError, match="truncated or damaged"):
         load_checkpoint(truncated)
     with pytest.raises(MinidpoError, match="expected 'policy'"):
         load_checkpoint(good, kind="policy")
