@@ -138,8 +138,10 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     common = ["--preset", "tiny", "--runs-dir", str(tmp_path), "--device", "cpu"]
     assert main(["demo", *common]) == 0
     out = capsys.readouterr().out
-    assert "SFT" in out and "PPO-GT" in out and "win vs SFT" in out and "report:" in out
+    assert "SFT" in out and "PPO" in out and "win vs SFT" in out and "report:" in out
+    assert "PPO-GT" not in out and "GRPO" not in out  # the demo runs DPO against RLHF alone
     run = tmp_path / "default"
+    assert not (run / "ppo-oracle-kl0.05").exists() and not (run / "best-of-n").exists()
     for f in ("sft/checkpoint.pt", "prefs/train.jsonl", "prefs/eval.jsonl", "report.md",
               "dpo-sigmoid-beta0.1/checkpoint.pt", "dpo-sigmoid-beta0.1/metrics.jsonl"):  # fmt: skip
         assert (run / f).exists(), f
